@@ -1,0 +1,30 @@
+# Two commands on a fresh clone: `make demo` and `make test`. Both create .venv on first use and install everything.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+DEMO   ?= artifacts/demo
+
+.PHONY: demo test install clean
+
+install: $(STAMP)
+
+# torch==2.13.0 first: the pin keeps pip on the CPU wheel (see README for CUDA builds).
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "torch==2.13.0"
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+# The main job on the embedded default corpus: train a small model, then generate from it.
+demo: $(STAMP)
+	$(VENV)/bin/toolkit train -o $(DEMO) --force --steps 300 --seq-len 128
+	$(VENV)/bin/toolkit info $(DEMO)
+	$(VENV)/bin/toolkit generate $(DEMO) --prompt "Return the number of" -n 48
+
+clean:
+	rm -rf $(VENV) artifacts runs .pytest_cache

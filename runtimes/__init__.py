@@ -1,0 +1,59 @@
+"""Runtimes: one module per engine, registered by name. The harness, `toolkit generate` and the exporters'
+self-checks see engines only through this interface:
+
+    runtime = RUNTIMES[name].load(artifact, threads=1, device="cpu")
+    runtime.logits(token_ids) -> float32 array [len(token_ids), vocab]   (one fresh sequence)
+    runtime.generate(token_ids, n, sampler, stop_ids) -> Generation (ids + timings)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol
+
+import numpy as np
+
+
+@dataclass
+class Generation:
+    ids: list[int]  # the new tokens only
+    prefill_seconds: float
+    decode_seconds: float
+    prompt_tokens: int
+    stopped_by: str = "length"  # "length" or "stop"
+
+    @property
+    def decode_tps(self) -> float:
+        n = max(0, len(self.ids) - 1)  # the first new token comes out of the prefill
+        return n / self.decode_seconds if self.decode_seconds > 0 else float("nan")
+
+    @property
+    def prefill_tps(self) -> float:
+        return self.prompt_tokens / self.prefill_seconds if self.prefill_seconds > 0 else float("nan")
+
+
+class Runtime(Protocol):
+    name: str
+
+    def logits(self, token_ids: list[int]) -> np.ndarray: ...
+
+    def generate(self, token_ids: list[int], max_new_tokens: int, sampler: Callable[[np.ndarray], int],
+                 stop_ids: list[int] = ..., on_token: Callable[[int], None] | None = ...) -> Generation: ...
+
+
+@dataclass(frozen=True)
+class RuntimeSpec:
+    name: str
+    description: str
+    load: Callable[..., Runtime]
+    handles: Callable[[Any], bool] = field(default=lambda artifact: False)  # can it open this artifact path?
+
+
+RUNTIMES: dict[str, RuntimeSpec] = {}
+
+
+def register(spec: RuntimeSpec) -> RuntimeSpec:
+    RUNTIMES[spec.name] = spec
+    return spec
+
+
+from runtimes import torch_runtime  # noqa: E402,F401  (registration)

@@ -1,0 +1,95 @@
+"""Hugging Face directories: config.json + *.safetensors (sharded or not; pytorch_model*.bin read weights-only) +
+tokenizer files. Also what `toolkit train` writes."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from toolkit.arch import HF_MODEL_TYPES, config_from_hf
+from toolkit.bundle import ModelBundle, TensorRef
+from toolkit.checkpoints import Loader, register
+from toolkit.checkpoints.sources import load_torch_state, refs_from_state, safetensors_refs
+from toolkit.errors import ToolkitError
+from toolkit.tokenizer import Tokenizer
+
+
+def detect(path: Path) -> bool:
+    return path.is_dir() and (path / "config.json").is_file()
+
+
+def load(path: Path, overrides: dict[str, Any]) -> ModelBundle:
+    try:
+        cfg = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise ToolkitError(f"cannot parse {path / 'config.json'}: {e}", "fix the JSON") from None
+    if "arch" in overrides:
+        wanted = overrides["arch"]
+        model_type = {v: k for k, v in HF_MODEL_TYPES.items()}.get(wanted)
+        if model_type is None:
+            raise ToolkitError(f"--arch {wanted} cannot read a Hugging Face config",
+                               f"choose one of: {', '.join(HF_MODEL_TYPES.values())}")
+        cfg = {**cfg, "model_type": model_type}
+    config = config_from_hf(cfg)
+    refs = _weights(path)
+    refs = _unfuse_experts(refs)
+    if config.tie_word_embeddings:
+        refs.pop("lm_head.weight", None)
+    elif "lm_head.weight" not in refs and "model.embed_tokens.weight" in refs:
+        config.tie_word_embeddings = True  # head omitted: transformers ties it
+    for name in [n for n in refs if n.endswith("rotary_emb.inv_freq")]:
+        refs.pop(name)
+    tok_dir = Path(overrides.get("tokenizer", path))
+    tokenizer = Tokenizer.from_dir(tok_dir)
+    return ModelBundle(config, refs, tokenizer, {"format": "hf", "path": str(path)})
+
+
+def _weights(path: Path) -> dict[str, TensorRef]:
+    st = sorted(path.glob("*.safetensors"))
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError) as e:
+            raise ToolkitError(f"cannot read {index}: {e}", "the shard index is damaged") from None
+        missing = [f for f in files if not (path / f).is_file()]
+        if missing:
+            raise ToolkitError(f"shard {missing[0]} listed in {index.name} is missing", "download every shard")
+        st = [path / f for f in files]
+    refs: dict[str, TensorRef] = {}
+    if st:
+        for f in st:
+            refs.update(safetensors_refs(f))
+        return refs
+    bins = sorted(path.glob("pytorch_model*.bin"))
+    for f in bins:
+        refs.update(refs_from_state(load_torch_state(f)))
+    if not refs:
+        raise ToolkitError(f"no weights in {path}", "expected model.safetensors (or shards) beside config.json")
+    return refs
+
+
+def _unfuse_experts(refs: dict[str, TensorRef]) -> dict[str, TensorRef]:
+    """transformers 5 keeps experts fused ([E, 2I, H] gate_up, [E, H, I] down); the bundle names them one by one."""
+    out: dict[str, TensorRef] = {}
+    for name, ref in refs.items():
+        if name.endswith("mlp.experts.gate_up_proj"):
+            E, two_i, H = ref.shape
+            inter = two_i // 2
+            for e in range(E):
+                base = name[: -len("gate_up_proj")] + f"{e}."
+                out[base + "gate_proj.weight"] = ref.derive(lambda t, e=e: t[e, :inter].contiguous(), (inter, H),
+                                                            base + "gate_proj.weight")
+                out[base + "up_proj.weight"] = ref.derive(lambda t, e=e: t[e, inter:].contiguous(), (inter, H),
+                                                          base + "up_proj.weight")
+        elif name.endswith("mlp.experts.down_proj"):
+            E, H, inter = ref.shape
+            for e in range(E):
+                n = name[: -len("down_proj")] + f"{e}.down_proj.weight"
+                out[n] = ref.derive(lambda t, e=e: t[e].contiguous(), (H, inter), n)
+        else:
+            out[name] = ref
+    return out
+
+
+register(Loader("hf", detect, load))

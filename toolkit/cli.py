@@ -1,0 +1,302 @@
+"""`toolkit`: the command line. Thin: parse, call, print.
+
+Contract for every command (DESIGN.md): inputs positional, outputs `-o/--out`; an existing output is refused unless
+`--force`; exit 0 done, 1 a verification failed, 2 bad input with `error: <what> (hint: <how>)` as the last stderr
+line and no traceback unless `--debug`. `--debug` and `--verbose` are accepted anywhere on the line.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+try:  # typer >= 0.20 vendors click; its exceptions live there
+    from typer._click import exceptions as click_exceptions
+except ImportError:  # pragma: no cover - older typer uses click itself
+    from click import exceptions as click_exceptions
+
+from toolkit.errors import ToolkitError
+
+app = typer.Typer(name="toolkit", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+                  rich_markup_mode=None,
+                  help="Take small language models to the edge: train, convert, quantize, export, and prove parity.")
+err = Console(stderr=True, soft_wrap=True)
+out = Console(soft_wrap=True)
+
+
+class Flags:
+    debug = False
+    verbose = False
+
+
+# --- options shared by every command that reads a checkpoint --------------------------------------------------
+ArchOpt = Annotated[Optional[str], typer.Option("--arch", help="Override the detected architecture "
+                                                               "(llama, qwen2, qwen3, qwen3_moe, qwen2_moe, "
+                                                               "minimind2_moe).")]
+TokenizerOpt = Annotated[Optional[Path], typer.Option("--tokenizer", help="Folder with tokenizer.json "
+                                                                          "(+ tokenizer_config.json); needed for "
+                                                                          "a .pth without one beside it.")]
+ConfigOpt = Annotated[Optional[Path], typer.Option("--config", help="JSON with what the weights cannot tell "
+                                                                    "(num_attention_heads, num_experts_per_tok, "
+                                                                    "rms_norm_eps, rope_theta).")]
+HeadsOpt = Annotated[Optional[int], typer.Option("--num-heads", help="Attention heads of a MiniMind2 or legacy "
+                                                                     ".pth (released models use 8).")]
+TopkOpt = Annotated[Optional[int], typer.Option("--experts-per-tok", help="Experts per token of a MiniMind MoE "
+                                                                          ".pth (MiniMind2: 2, minimind-3: 1).")]
+
+
+def _load(ckpt: Path, arch, tokenizer, config, num_heads, experts_per_tok):
+    from toolkit.checkpoints import load_checkpoint
+
+    return load_checkpoint(ckpt, arch=arch, tokenizer=tokenizer, config=config, num_heads=num_heads,
+                           experts_per_tok=experts_per_tok)
+
+
+# --- train -----------------------------------------------------------------------------------------------------
+@app.command()
+def train(
+    text: Annotated[Optional[list[Path]], typer.Option("--text", help="UTF-8 text file(s) to train on; the last "
+                                                                     "--heldout-frac of it is held out. Default: "
+                                                                     "the embedded standard-library corpus.")] = None,
+    out_dir: Annotated[Optional[Path], typer.Option("-o", "--out", help="Output folder (Hugging Face layout). "
+                                                                       "Default: runs/<text name>.")] = None,
+    with_default_corpus: Annotated[bool, typer.Option(help="Also train on the embedded corpus when --text is "
+                                                           "given (held-out text still comes from --text).")] = False,
+    heldout_frac: Annotated[float, typer.Option(help="Share of the text held out, split at a character offset.")] = 0.1,
+    tokenizer: Annotated[Optional[Path], typer.Option(help="Use this tokenizer instead of training a byte-level "
+                                                           "BPE.")] = None,
+    vocab_size: Annotated[int, typer.Option(help="Vocabulary of the trained tokenizer.")] = 4096,
+    arch: Annotated[str, typer.Option(help="llama (MiniMind2-style) or qwen3 (minimind-3-style, QK-norm).")] = "llama",
+    hidden: Annotated[int, typer.Option(help="Hidden size (multiples of 256 let llama.cpp's K-quants apply).")] = 256,
+    layers: Annotated[int, typer.Option(help="Decoder layers.")] = 4,
+    heads: Annotated[int, typer.Option(help="Attention heads.")] = 4,
+    kv_heads: Annotated[int, typer.Option(help="Key/value heads (GQA).")] = 2,
+    ffn: Annotated[int, typer.Option(help="MLP intermediate size.")] = 768,
+    seq_len: Annotated[int, typer.Option(help="Training sequence length (and held-out chunk length).")] = 256,
+    batch_size: Annotated[int, typer.Option(help="Sequences per micro-batch (per process).")] = 16,
+    grad_accum: Annotated[int, typer.Option(help="Micro-batches per optimizer step.")] = 1,
+    steps: Annotated[int, typer.Option(help="Optimizer steps.")] = 400,
+    lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW).")] = 2e-3,
+    warmup: Annotated[int, typer.Option(help="Linear warm-up steps, then cosine decay to --min-lr.")] = 50,
+    min_lr: Annotated[float, typer.Option(help="Learning rate at the last step.")] = 0.0,
+    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay (matrices only).")] = 0.1,
+    grad_clip: Annotated[float, typer.Option(help="Gradient norm clip.")] = 1.0,
+    eval_every: Annotated[int, typer.Option(help="Held-out perplexity every N steps (best one is kept).")] = 100,
+    save_every: Annotated[int, typer.Option(help="Resumable state every N steps.")] = 100,
+    seed: Annotated[int, typer.Option(help="Seed for weights and batches.")] = 0,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda (bf16/fp16 autocast on CUDA).")] = "auto",
+    threads: Annotated[Optional[int], typer.Option(help="CPU threads (default: torch's choice).")] = None,
+    resume: Annotated[Optional[Path], typer.Option(help="Continue from an earlier run's folder "
+                                                        "(its train_state.pt); --steps may grow.")] = None,
+    force: Annotated[bool, typer.Option(help="Replace an existing output.")] = False,
+):
+    """Pretrain a MiniMind-style model from scratch; writes a Hugging Face folder with heldout.txt and calib.txt.
+
+    Run under `torchrun --nproc_per_node N` for PyTorch DDP (gloo on CPU, nccl on CUDA)."""
+    from toolkit.train import TrainOptions
+    from toolkit.train import train as run_train
+
+    name = text[0].stem if text else "default"
+    dest = out_dir or Path("runs") / name
+    opts = TrainOptions(out=str(dest), texts=[str(t) for t in text or []], with_default_corpus=with_default_corpus,
+                        heldout_frac=heldout_frac, tokenizer=str(tokenizer) if tokenizer else None,
+                        vocab_size=vocab_size, arch=arch, hidden_size=hidden, num_layers=layers, num_heads=heads,
+                        num_kv_heads=kv_heads, intermediate_size=ffn, seq_len=seq_len, batch_size=batch_size,
+                        grad_accum=grad_accum, steps=steps, lr=lr, warmup=warmup, min_lr=min_lr,
+                        weight_decay=weight_decay, grad_clip=grad_clip, eval_every=eval_every,
+                        save_every=save_every, seed=seed, device=device, threads=threads,
+                        resume=str(resume) if resume else None, force=force)
+    for key in ("steps", "batch_size", "seq_len", "grad_accum", "eval_every", "save_every", "layers"):
+        value = getattr(opts, key, None) if key != "layers" else layers
+        if value is not None and value <= 0:
+            raise ToolkitError(f"--{key.replace('_', '-')} must be positive, got {value}", "pass a positive number")
+    main_rank = int(os.environ.get("RANK", "0")) == 0
+    from toolkit.progress import step_progress
+
+    with step_progress(err, opts.steps, enabled=main_rank) as progress:
+        summary = run_train(opts, progress=progress)
+    if main_rank:
+        err.print(f"held-out perplexity {summary['first_heldout_ppl']:.2f} (first eval) -> "
+                  f"{summary['best_heldout_ppl']:.2f} (best, step {summary['best_step']}); "
+                  f"{summary['parameters'] / 1e6:.2f}M parameters, {summary['seconds']:.0f} s")
+        out.print(str(dest))
+
+
+# --- info ------------------------------------------------------------------------------------------------------
+@app.command()
+def info(
+    ckpt: Annotated[Path, typer.Argument(help="Checkpoint: Hugging Face folder, MiniMind .pth, or a trained run.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    arch: ArchOpt = None, tokenizer: TokenizerOpt = None, config: ConfigOpt = None, num_heads: HeadsOpt = None,
+    experts_per_tok: TopkOpt = None,
+):
+    """Architecture, parameters, dtype, size, tokenizer and tied embeddings of a checkpoint (reads headers only)."""
+    bundle = _load(ckpt, arch, tokenizer, config, num_heads, experts_per_tok)
+    cfg, tok = bundle.config, bundle.tokenizer
+    size = sum(f.stat().st_size for f in Path(ckpt).rglob("*") if f.is_file()) if Path(ckpt).is_dir() \
+        else Path(ckpt).stat().st_size
+    report = {
+        "path": str(ckpt), "format": bundle.provenance.get("format"), "era": bundle.provenance.get("era"),
+        "arch": cfg.family, "description": cfg.fam.description, "hf_class": cfg.fam.hf_architecture,
+        "parameters": bundle.num_parameters(), "dtypes": bundle.dtypes(), "size_bytes": size,
+        "tied_embeddings": cfg.tie_word_embeddings,
+        "config": {k: v for k, v in cfg.to_dict().items() if k not in ("extra", "family")},
+        "tokenizer": {"type": tok.kind, "vocab_size": tok.vocab_size, "bos": tok.bos_id, "eos": tok.eos_id,
+                      "pad": tok.pad_id, "add_bos": tok.add_bos, "chat_template": bool(tok.chat_template)},
+    }
+    if as_json:
+        out.print_json(json.dumps(report))
+        return
+    rows = [("path", report["path"]), ("format", f"{report['format']}" + (f" (era {report['era']})"
+                                                                          if report["era"] else "")),
+            ("arch", f"{cfg.family}: {cfg.fam.description}"),
+            ("parameters", f"{report['parameters']:,} ({report['parameters'] / 1e6:.2f}M)"),
+            ("dtype", ", ".join(f"{k} {v:,}" for k, v in report["dtypes"].items())),
+            ("size", f"{size / 1e6:.1f} MB"),
+            ("shape", f"hidden {cfg.hidden_size}, layers {cfg.num_layers}, heads {cfg.num_heads}/{cfg.num_kv_heads} "
+                      f"(head_dim {cfg.head_dim}), ffn {cfg.intermediate_size or cfg.moe_intermediate_size}, "
+                      f"vocab {cfg.vocab_size}"),
+            ("rope / norm", f"theta {cfg.rope_theta:g}, rms eps {cfg.rms_norm_eps:g}"),
+            ("tied embeddings", str(cfg.tie_word_embeddings)),
+            ("tokenizer", f"{tok.kind}, {tok.vocab_size} tokens, bos {tok.bos_id}, eos {tok.eos_id}, "
+                          f"add_bos {tok.add_bos}, chat template {'yes' if tok.chat_template else 'no'}")]
+    if cfg.fam.moe:
+        rows.insert(5, ("experts", f"{cfg.num_experts} experts, top-{cfg.num_experts_per_tok}"
+                                   + (f", shared {cfg.shared_expert_intermediate_size}" if cfg.fam.shared_expert
+                                      else "")))
+    for key, value in rows:
+        out.print(f"[bold]{key:>16}[/bold]  {value}", highlight=False)
+
+
+# --- generate --------------------------------------------------------------------------------------------------
+@app.command()
+def generate(
+    model: Annotated[Path, typer.Argument(help="Checkpoint or exported artifact.")],
+    prompt: Annotated[str, typer.Option("--prompt", "-p", help="Text to continue (or the user turn with --chat).")],
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", help="Tokens to generate.")] = 64,
+    temperature: Annotated[float, typer.Option(help="0 = greedy.")] = 0.0,
+    top_k: Annotated[int, typer.Option(help="Sample among the k most likely tokens (0 = all).")] = 0,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass.")] = 1.0,
+    seed: Annotated[Optional[int], typer.Option(help="Sampling seed.")] = None,
+    chat: Annotated[bool, typer.Option(help="Wrap the prompt in the model's chat template.")] = False,
+    system: Annotated[Optional[str], typer.Option(help="System message with --chat.")] = None,
+    runtime: Annotated[Optional[str], typer.Option(help="Runtime name (default: chosen by the artifact).")] = None,
+    threads: Annotated[int, typer.Option(help="CPU threads.")] = 1,
+    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    arch: ArchOpt = None, tokenizer: TokenizerOpt = None, config: ConfigOpt = None, num_heads: HeadsOpt = None,
+    experts_per_tok: TopkOpt = None,
+):
+    """Generate text, streamed to stdout; prefill and decode speed go to stderr."""
+    from runtimes import RUNTIMES
+    from toolkit.sampling import StreamDecoder, make_sampler
+
+    if max_new_tokens <= 0:
+        raise ToolkitError(f"--max-new-tokens must be positive, got {max_new_tokens}", "pass e.g. -n 64")
+    if device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ToolkitError("--device cuda but no CUDA device is visible", "use --device cpu")
+    sampler = make_sampler(temperature, top_k, top_p, seed)
+    bundle = _load(model, arch, tokenizer, config, num_heads, experts_per_tok)
+    name = runtime or "torch"
+    if name not in RUNTIMES:
+        raise ToolkitError(f"unknown runtime '{name}'", f"available: {', '.join(RUNTIMES)}")
+    rt = RUNTIMES[name].load(bundle, threads=threads, device=device)
+    tok = bundle.tokenizer
+    if chat:
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user",
+                                                                                 "content": prompt}]
+        ids = tok.tok.encode(tok.render_chat(messages), add_special_tokens=False).ids
+    else:
+        ids = tok.encode(prompt)
+    if not ids:
+        raise ToolkitError("the prompt is empty after tokenization", "pass a non-empty --prompt")
+    stream = StreamDecoder(lambda xs: tok.decode(xs, skip_special=True))
+    if not chat:
+        sys.stdout.write(prompt)
+
+    def emit(token: int) -> None:
+        sys.stdout.write(stream.push(token))
+        sys.stdout.flush()
+
+    result = rt.generate(ids, max_new_tokens, sampler, tok.end_of_turn_ids() if chat else [], on_token=emit)
+    sys.stdout.write(stream.flush() + "\n")
+    err.print(f"[dim]{rt.label}: prompt {result.prompt_tokens} tokens, {result.prefill_tps:.1f} tok/s prefill; "
+              f"{len(result.ids)} new tokens, {result.decode_tps:.1f} tok/s decode ({result.stopped_by})[/dim]")
+
+
+# --- convert ---------------------------------------------------------------------------------------------------
+@app.command()
+def convert(
+    ckpt: Annotated[Path, typer.Argument(help="Checkpoint to convert.")],
+    to: Annotated[str, typer.Option("--to", help="Target format: hf (a folder transformers loads).")] = "hf",
+    out_dir: Annotated[Optional[Path], typer.Option("-o", "--out", help="Output folder. Default: <ckpt>-hf/.")] = None,
+    dtype: Annotated[Optional[str], typer.Option(help="float32, float16 or bfloat16 (default: as stored).")] = None,
+    force: Annotated[bool, typer.Option(help="Replace an existing output.")] = False,
+    arch: ArchOpt = None, tokenizer: TokenizerOpt = None, config: ConfigOpt = None, num_heads: HeadsOpt = None,
+    experts_per_tok: TopkOpt = None,
+):
+    """Save any checkpoint as a Hugging Face folder (config.json, safetensors, tokenizer) for transformers."""
+    import torch
+
+    from toolkit.checkpoints.hf_writer import save_hf
+    from toolkit.outputs import atomic_output, check_destination
+
+    if to != "hf":
+        raise ToolkitError(f"unknown target format '{to}'", "use --to hf; for GGUF/ONNX/MNN see `toolkit export`")
+    dtypes = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+    if dtype is not None and dtype not in dtypes:
+        raise ToolkitError(f"unknown dtype '{dtype}'", "use float32, float16 or bfloat16")
+    dest = out_dir or Path(f"{str(ckpt).rstrip('/')}-hf")
+    check_destination(dest, force)
+    bundle = _load(ckpt, arch, tokenizer, config, num_heads, experts_per_tok)
+    with atomic_output(dest, force, directory=True) as work:
+        save_hf(bundle, work, dtypes.get(dtype) if dtype else None)
+    err.print(f"{bundle.config.family} ({bundle.config.fam.hf_architecture}), "
+              f"{bundle.num_parameters() / 1e6:.2f}M parameters")
+    out.print(str(dest))
+
+
+# --- entry point -----------------------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> None:
+    args = list(sys.argv[1:] if argv is None else argv)
+    Flags.debug = "--debug" in args
+    Flags.verbose = "--verbose" in args
+    args = [a for a in args if a not in ("--debug", "--verbose")]
+    code = 0
+    try:
+        result = app(args=args, prog_name="toolkit", standalone_mode=False)
+        code = result if isinstance(result, int) else 0
+    except ToolkitError as e:
+        if Flags.debug:
+            import traceback
+
+            traceback.print_exc()
+        sys.stdout.flush()
+        print(e.line(), file=sys.stderr)
+        code = e.exit_code
+    except click_exceptions.UsageError as e:
+        if type(e).__name__ == "NoArgsIsHelpError":  # bare `toolkit`: the help is the answer
+            print(e.format_message())
+            sys.exit(0)
+        command = e.ctx.command_path if e.ctx else "toolkit"
+        print(f"error: {e.format_message()} (hint: see '{command} --help')", file=sys.stderr)
+        code = 2
+    except click_exceptions.Exit as e:
+        code = e.exit_code
+    except (click_exceptions.Abort, KeyboardInterrupt):
+        print("error: interrupted (hint: outputs are written only on success; rerun the command)", file=sys.stderr)
+        code = 130
+    except Exception as e:  # a bug: say so on one line, traceback with --debug
+        if Flags.debug:
+            raise
+        print(f"error: internal error: {type(e).__name__}: {e} (hint: rerun with --debug for the traceback and "
+              "report it)", file=sys.stderr)
+        code = 1
+    sys.exit(code)
