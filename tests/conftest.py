@@ -14,7 +14,7 @@ SHARED_DATA = ROOT.parent / "shared" / "data"
 
 # The session's test model: 3.7M parameters, widths multiples of 256, trained once (about 2 minutes on 2 CPUs).
 TEST_MODEL = dict(hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=2, intermediate_size=768, vocab_size=2048,
-                  seq_len=128, batch_size=16, steps=300, warmup=30, eval_every=100, save_every=300, lr=3e-3)
+                  seq_len=128, batch_size=16, steps=400, warmup=30, eval_every=100, save_every=400, lr=3e-3)
 
 
 def pytest_collection_modifyitems(config, items):

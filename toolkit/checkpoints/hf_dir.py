@@ -27,7 +27,7 @@ def load(path: Path, overrides: dict[str, Any]) -> ModelBundle:
         wanted = overrides["arch"]
         model_type = {v: k for k, v in HF_MODEL_TYPES.items()}.get(wanted)
         if model_type is None:
-            raise ToolkitError(f"--arch {wanted} cannot read a Hugging Face config",
+            raise ToolkitError(f"unknown architecture '{wanted}' for a Hugging Face config",
                                f"choose one of: {', '.join(HF_MODEL_TYPES.values())}")
         cfg = {**cfg, "model_type": model_type}
     config = config_from_hf(cfg)

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from toolkit.arch import ArchConfig
+from toolkit.arch import ArchConfig, family
 from toolkit.bundle import ModelBundle, TensorRef
 from toolkit.checkpoints import Loader, register
 from toolkit.checkpoints.sources import load_torch_state, refs_from_state
@@ -72,7 +72,7 @@ def load(path: Path, overrides: dict[str, Any]) -> ModelBundle:
             **{k: overrides[k] for k in ("num_heads", "experts_per_tok") if k in overrides}}
     config, refs = _infer(state, era, opts, path)
     if "arch" in overrides and overrides["arch"] != config.family:
-        config.family = overrides["arch"]
+        config.family = family(overrides["arch"]).name  # refuses unknown names; check() refuses wrong tensors
     tokenizer = _tokenizer(path, overrides)
     config.bos_token_id, config.eos_token_id, config.pad_token_id = tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id
     return ModelBundle(config, refs, tokenizer, {"format": "minimind", "era": era, "path": str(path)})

@@ -1,0 +1,104 @@
+"""`toolkit train`: held-out perplexity goes down, the output is a Hugging Face folder transformers loads with our
+logits, heldout.txt/calib.txt are the right splits, resume continues, torchrun trains with DDP."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import torch
+import transformers
+
+from tests.conftest import ROOT, TEST_MODEL, run_cli
+from toolkit.checkpoints import load_checkpoint
+from toolkit.corpus import default_corpus
+from toolkit.model import build_model
+from toolkit.perplexity import perplexity
+from toolkit.train import masked_lm_loss
+
+QUICK = ["--hidden", "64", "--layers", "2", "--heads", "2", "--kv-heads", "1", "--ffn", "128", "--vocab-size", "512",
+         "--seq-len", "64", "--batch-size", "4", "--eval-every", "5", "--save-every", "5", "--warmup", "2"]
+
+
+def test_trained_model_improves_and_writes_splits(trained_model):
+    log = [json.loads(line) for line in (trained_model / "train_log.jsonl").read_text().splitlines()]
+    ppls = [r["heldout_ppl"] for r in log if "heldout_ppl" in r]
+    assert len(ppls) == TEST_MODEL["steps"] // TEST_MODEL["eval_every"]
+    assert min(ppls) < 0.7 * ppls[0] and ppls[-1] == min(ppls), ppls  # it kept learning
+    assert all(math.isfinite(r["loss"]) for r in log)
+    held = (trained_model / "heldout.txt").read_text()
+    calib = (trained_model / "calib.txt").read_text()
+    corpus = default_corpus()
+    cut = int(0.9 * len(corpus))
+    assert held == corpus[cut:]  # split at a character offset
+    assert held[:2000] not in calib and len(calib) > 100_000
+    for piece in calib.split("\n\n")[:5]:
+        assert piece in corpus[:cut]
+
+
+def test_trained_model_keeps_best_and_loads_in_transformers(trained_model):
+    bundle = load_checkpoint(trained_model)
+    assert 2e6 <= bundle.num_parameters() <= 5e6
+    log = [json.loads(line) for line in (trained_model / "train_log.jsonl").read_text().splitlines()]
+    best = min(r["heldout_ppl"] for r in log if "heldout_ppl" in r)
+    model = build_model(bundle)
+    tokens = bundle.tokenizer.encode((trained_model / "heldout.txt").read_text())
+
+    def logits_fn(chunks):
+        with torch.no_grad():
+            return model(torch.tensor(chunks)).numpy()
+
+    assert abs(perplexity(logits_fn, tokens, TEST_MODEL["seq_len"], None, 8).ppl - best) / best < 1e-4
+    hf = transformers.AutoModelForCausalLM.from_pretrained(trained_model, dtype=torch.float32).eval()
+    ids = torch.tensor([tokens[:96]])
+    with torch.no_grad():
+        assert (hf(ids).logits - model(ids)).abs().max().item() <= 1e-4
+
+
+def test_masked_loss_is_zero_not_nan_on_all_padding():
+    logits = torch.randn(2, 5, 11, requires_grad=True)
+    labels = torch.full((2, 5), -100)
+    loss = masked_lm_loss(logits, labels)
+    loss.backward()
+    assert loss.item() == 0.0 and torch.isfinite(logits.grad).all()
+    labels[0, 2] = 3
+    expected = torch.nn.functional.cross_entropy(logits[0, 2:3], torch.tensor([3]))
+    assert torch.allclose(masked_lm_loss(logits, labels), expected)
+
+
+def test_resume_continues_the_run(tmp_path):
+    text = tmp_path / "t.txt"
+    text.write_text(default_corpus()[:120_000])
+    first = run_cli("train", "--text", text, "-o", tmp_path / "a", "--steps", "5", *QUICK)
+    assert first.returncode == 0, first.stderr
+    second = run_cli("train", "--text", text, "-o", tmp_path / "b", "--steps", "10", "--resume", tmp_path / "a",
+                     *QUICK)
+    assert second.returncode == 0, second.stderr
+    log = [json.loads(line) for line in (tmp_path / "b" / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == list(range(1, 11))
+    a = [json.loads(line) for line in (tmp_path / "a" / "train_log.jsonl").read_text().splitlines()]
+    assert log[:5] == a  # the first five steps are carried over, not redone
+    assert (tmp_path / "a" / "tokenizer.json").read_text() == (tmp_path / "b" / "tokenizer.json").read_text()
+
+
+def test_torchrun_two_processes(tmp_path):
+    text = tmp_path / "t.txt"
+    text.write_text(default_corpus()[:120_000])
+    out = tmp_path / "ddp"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           "29533", "-m", "toolkit", "train", "--text", str(text), "-o", str(out), "--steps", "6",
+                           "--device", "cpu", *QUICK], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((out / "training.json").read_text())
+    assert summary["world_size"] == 2
+    assert (out / "heldout.txt").is_file() and (out / "calib.txt").is_file()
+    bundle = load_checkpoint(out)
+    assert bundle.config.family == "llama"
+    ids = torch.tensor([bundle.tokenizer.encode("Return the value of")])
+    with torch.no_grad():
+        assert np.isfinite(build_model(bundle)(ids).numpy()).all()
+    assert not list(tmp_path.glob("ddp.partial-*"))
