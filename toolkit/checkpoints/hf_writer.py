@@ -53,6 +53,7 @@ def save_hf(bundle: ModelBundle, out: str | Path, dtype: torch.dtype | None = No
             idx = len(written)
             file = out / f"model-{idx + 1:05d}.safetensors"
             save_file(current, str(file), metadata={"format": "pt"})
+            file.chmod(0o644)  # safetensors creates files private to the owner; a model folder is meant to be shared
             written.append(file.name)
             weight_map.update({n: idx for n in current})
             current, size = {}, 0
