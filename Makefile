@@ -24,7 +24,7 @@ test: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/toolkit train -o $(DEMO) --force --steps 300 --seq-len 128
 	$(VENV)/bin/toolkit info $(DEMO)
-	$(VENV)/bin/toolkit generate $(DEMO) --prompt "Return the number of" -n 48
+	$(VENV)/bin/toolkit generate $(DEMO) --prompt "Return the number of" -n 48 --temperature 0.8 --top-k 40 --seed 0
 
 clean:
 	rm -rf $(VENV) artifacts runs .pytest_cache
