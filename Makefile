@@ -10,11 +10,13 @@ DEMO   ?= artifacts/demo
 install: $(STAMP)
 
 # torch==2.13.0 first: the pin keeps pip on the CPU wheel (see README for CUDA builds).
+# llama-cpp-python compiles llama.cpp (5-10 min once; pip caches the wheel). GGML_NATIVE=OFF: a native build uses
+# this CPU's newest instructions and crashes with "illegal instruction" on other machines.
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "torch==2.13.0"
-	$(PY) -m pip install -q -e ".[dev]"
+	CMAKE_ARGS="-DGGML_NATIVE=OFF" CMAKE_BUILD_PARALLEL_LEVEL=2 $(PY) -m pip install -q -e ".[dev,gguf]"
 	touch $@
 
 test: $(STAMP)

@@ -57,3 +57,8 @@ def register(spec: RuntimeSpec) -> RuntimeSpec:
 
 
 from runtimes import torch_runtime  # noqa: E402,F401  (registration)
+
+try:  # optional engines register only where their package is installed
+    from runtimes import llama_cpp  # noqa: E402,F401
+except ImportError:  # pragma: no cover
+    pass

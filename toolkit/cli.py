@@ -263,6 +263,43 @@ def convert(
     out.print(str(dest))
 
 
+# --- export --------------------------------------------------------------------------------------------------
+export_app = typer.Typer(no_args_is_help=True, help="Export a checkpoint to a runtime's format, verified against the "
+                                                     "reference model before it is kept.")
+app.add_typer(export_app, name="export")
+
+
+@export_app.command("gguf")
+def export_gguf(
+    ckpt: Annotated[Path, typer.Argument(help="Checkpoint to export.")],
+    out_file: Annotated[Optional[Path], typer.Option("-o", "--out", help="Output FILE.gguf. Default: "
+                                                                         "<ckpt>-<outtype>.gguf.")] = None,
+    outtype: Annotated[str, typer.Option(help="f32, f16, bf16, q8_0 or q4_0 (norms and routers stay f32).")] = "f16",
+    verify: Annotated[bool, typer.Option(help="Load the file in llama.cpp and compare logits and tokenization "
+                                              "with the reference model before keeping it.")] = True,
+    threads: Annotated[int, typer.Option(help="CPU threads for verification.")] = 1,
+    force: Annotated[bool, typer.Option(help="Replace an existing output.")] = False,
+    arch: ArchOpt = None, tokenizer: TokenizerOpt = None, config: ConfigOpt = None, num_heads: HeadsOpt = None,
+    experts_per_tok: TopkOpt = None,
+):
+    """GGUF for llama.cpp and Ollama; writes FILE.gguf and FILE.manifest.json."""
+    from exporters import EXPORTERS
+    from toolkit.outputs import check_destination
+
+    dest = out_file or Path(f"{str(ckpt).rstrip('/').removesuffix('.pth')}-{outtype}.gguf")
+    check_destination(dest, force)
+    bundle = _load(ckpt, arch, tokenizer, config, num_heads, experts_per_tok)
+    report = EXPORTERS["gguf"].export(bundle, dest, outtype, verify, force, threads, Flags.verbose)
+    for line in report.fallbacks:
+        err.print(f"[yellow]fallback[/yellow] {line}")
+    v = report.verification
+    checked = (f"verified in llama.cpp: max |dlogit| {v['max_abs_diff']:.2e} (<= {v['tolerance']:g}), argmax "
+               f"agreement {100 * v['argmax_agreement']:.1f}%, tokenizer identical") if v else "not verified"
+    err.print(f"{report.arch} {outtype}: {report.size_bytes / 1e6:.1f} MB, {report.bits_per_weight:.2f} bits/weight, "
+              f"{report.seconds:.1f} s; {checked}")
+    out.print(str(dest))
+
+
 # --- entry point -----------------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
@@ -288,12 +325,16 @@ def main(argv: list[str] | None = None) -> None:
         command = e.ctx.command_path if e.ctx else "toolkit"
         print(f"error: {e.format_message()} (hint: see '{command} --help')", file=sys.stderr)
         code = 2
-    except click_exceptions.Exit as e:
-        code = e.exit_code
-    except (click_exceptions.Abort, KeyboardInterrupt):
+    except KeyboardInterrupt:
         print("error: interrupted (hint: outputs are written only on success; rerun the command)", file=sys.stderr)
         code = 130
     except Exception as e:  # a bug: say so on one line, traceback with --debug
+        if type(e).__name__ == "Exit":  # click's Exit (--help and friends); typer's vendored click lacks the name
+            sys.exit(getattr(e, "exit_code", 0))
+        if type(e).__name__ == "Abort":
+            print("error: interrupted (hint: outputs are written only on success; rerun the command)",
+                  file=sys.stderr)
+            sys.exit(130)
         if Flags.debug:
             raise
         print(f"error: internal error: {type(e).__name__}: {e} (hint: rerun with --debug for the traceback and "

@@ -1,0 +1,122 @@
+"""Bundle tensors -> GGUF tensors: names from gguf-py's map, q/k permutation for llama's pair-wise RoPE, experts
+stacked per layer, and the type each tensor gets for an output type."""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import gguf
+import numpy as np
+import torch
+
+from toolkit.bundle import ModelBundle
+from toolkit.errors import ToolkitError
+
+ARCHS = {"llama": gguf.MODEL_ARCH.LLAMA, "qwen2": gguf.MODEL_ARCH.QWEN2, "qwen3": gguf.MODEL_ARCH.QWEN3,
+         "qwen3moe": gguf.MODEL_ARCH.QWEN3MOE}
+
+OUTTYPES = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
+            "bf16": gguf.GGMLQuantizationType.BF16, "q8_0": gguf.GGMLQuantizationType.Q8_0,
+            "q4_0": gguf.GGMLQuantizationType.Q4_0}
+FILE_TYPES = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+              "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+              "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}
+
+
+@dataclass
+class PlannedTensor:
+    name: str  # GGUF name
+    shape: tuple[int, ...]  # numpy order
+    qtype: gguf.GGMLQuantizationType
+    load: Callable[[], np.ndarray]  # float32 data in numpy order
+    fallback: str = ""  # why the requested type could not be used
+
+    @property
+    def nbytes(self) -> int:
+        byte_shape = gguf.quant_shape_to_byte_shape(self.shape, self.qtype) if self.qtype not in (
+            gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16) else self.shape
+        item = {gguf.GGMLQuantizationType.F32: 4, gguf.GGMLQuantizationType.F16: 2}.get(self.qtype, 1)
+        return int(np.prod(byte_shape)) * item
+
+    def data(self) -> np.ndarray:
+        x = self.load()
+        if self.qtype == gguf.GGMLQuantizationType.F32:
+            return x.astype(np.float32)
+        if self.qtype == gguf.GGMLQuantizationType.F16:
+            return x.astype(np.float16)
+        return gguf.quants.quantize(x.astype(np.float32), self.qtype)
+
+
+def permute_pairs(w: torch.Tensor, heads: int) -> torch.Tensor:
+    """HF rotate_half rows -> llama.cpp's consecutive-pair rows, per head (weights and biases)."""
+    return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def gguf_arch(bundle: ModelBundle) -> str:
+    arch = bundle.config.fam.gguf_arch
+    if arch not in ARCHS:
+        raise ToolkitError(f"no llama.cpp architecture computes {bundle.config.family} exactly in this version",
+                           f"GGUF export supports: {', '.join(f for f, fam in _families() if fam in ARCHS)}")
+    return arch
+
+
+def _families():
+    from toolkit.arch import FAMILIES
+
+    return [(name, fam.gguf_arch) for name, fam in FAMILIES.items()]
+
+
+def _tensor_type(gname: str, shape: tuple[int, ...], outtype: str) -> tuple[gguf.GGMLQuantizationType, str]:
+    wanted = OUTTYPES[outtype]
+    if len(shape) == 1 or gname.endswith("_norm.weight") or ".ffn_gate_inp." in gname:
+        return gguf.GGMLQuantizationType.F32, ""  # norms, biases and routers stay exact, as llama.cpp's converter
+    if wanted in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.BF16):
+        return wanted, ""
+    block = gguf.GGML_QUANT_SIZES[wanted][0]
+    if shape[-1] % block:
+        return gguf.GGMLQuantizationType.F16, f"row width {shape[-1]} is not a multiple of {block}"
+    return wanted, ""
+
+
+def plan(bundle: ModelBundle, outtype: str) -> Iterator[PlannedTensor]:
+    cfg = bundle.config
+    arch = gguf_arch(bundle)
+    name_map = gguf.get_tensor_name_map(ARCHS[arch], cfg.num_layers)
+    permute = cfg.fam.gguf_permute_qk
+    experts: dict[tuple[int, str], list[str]] = {}
+    for name, ref in bundle.tensors.items():
+        m = re.match(r"model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(\w+)\.weight$", name)
+        if m:
+            experts.setdefault((int(m.group(1)), m.group(3)), []).append(name)
+            continue
+        base, suffix = name.rsplit(".", 1)
+        gname = name_map.get_name(base)
+        if gname is None:
+            raise ToolkitError(f"no GGUF name for tensor {name}", "this tensor's architecture is not supported")
+        gname = f"{gname}.{suffix}"
+        loader = _loader(bundle, name, cfg, permute)
+        qtype, why = _tensor_type(gname, ref.shape, outtype)
+        yield PlannedTensor(gname, tuple(ref.shape), qtype, loader, why)
+    for (layer, proj), names in sorted(experts.items()):
+        names = sorted(names, key=lambda n: int(n.split(".mlp.experts.")[1].split(".")[0]))
+        gname = name_map.get_name(f"model.layers.{layer}.mlp.experts.{proj}") + ".weight"
+        shape = (len(names), *bundle.tensors[names[0]].shape)
+        qtype, why = _tensor_type(gname, shape, outtype)
+        yield PlannedTensor(gname, shape, qtype,
+                            lambda names=names: np.stack([bundle.load(n, torch.float32).numpy() for n in names]), why)
+
+
+def _loader(bundle: ModelBundle, name: str, cfg, permute: bool) -> Callable[[], np.ndarray]:
+    def load() -> np.ndarray:
+        t = bundle.load(name, torch.float32)
+        if permute and ".self_attn.q_proj." in name:
+            t = permute_pairs(t, cfg.num_heads)
+        elif permute and ".self_attn.k_proj." in name:
+            t = permute_pairs(t, cfg.num_kv_heads)
+        if not torch.isfinite(t).all():
+            raise ToolkitError(f"tensor {name} holds NaN or infinite values", "the checkpoint is damaged; "
+                                                                           "export an earlier one")
+        return t.numpy()
+
+    return load

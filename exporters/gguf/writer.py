@@ -1,0 +1,111 @@
+"""Write a GGUF file from a bundle, streaming one tensor at a time, then verify it in llama.cpp."""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import gguf
+
+from exporters.gguf.tensors import FILE_TYPES, OUTTYPES, gguf_arch, plan
+from exporters.gguf.vocab import add_vocab
+from toolkit.bundle import ModelBundle
+from toolkit.errors import ToolkitError
+
+
+@dataclass
+class GGUFReport:
+    path: str
+    arch: str
+    outtype: str
+    size_bytes: int
+    n_params: int
+    fallbacks: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+    verification: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def bits_per_weight(self) -> float:
+        return 8 * self.size_bytes / self.n_params
+
+
+def _metadata(w: gguf.GGUFWriter, bundle: ModelBundle, arch: str, outtype: str) -> None:
+    cfg = bundle.config
+    w.add_name(Path(bundle.provenance.get("path", "model")).stem)
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_block_count(cfg.num_layers)
+    w.add_feed_forward_length(cfg.intermediate_size or cfg.moe_intermediate_size)
+    w.add_head_count(cfg.num_heads)
+    w.add_head_count_kv(cfg.num_kv_heads)  # llama.cpp silently defaults it to head_count
+    w.add_rope_freq_base(cfg.rope_theta)  # llama.cpp silently defaults it to 10000
+    w.add_rope_dimension_count(cfg.head_dim)
+    w.add_key_length(cfg.head_dim)
+    w.add_value_length(cfg.head_dim)
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_vocab_size(cfg.vocab_size)
+    w.add_file_type(FILE_TYPES[outtype])
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    if cfg.fam.moe:
+        w.add_expert_count(cfg.num_experts)
+        w.add_expert_used_count(cfg.num_experts_per_tok)
+        w.add_expert_feed_forward_length(cfg.moe_intermediate_size)
+        if not cfg.norm_topk_prob:
+            raise ToolkitError(f"llama.cpp's {arch} renormalises the top-k expert weights; this model does not",
+                               "GGUF cannot compute it exactly")
+    add_vocab(w, bundle.tokenizer, cfg.vocab_size)
+
+
+def write_gguf(bundle: ModelBundle, path: Path, outtype: str,
+               progress: Callable[[str, int, int], None] | None = None) -> GGUFReport:
+    if outtype not in OUTTYPES:
+        raise ToolkitError(f"unknown GGUF type '{outtype}'", f"choose one of: {', '.join(OUTTYPES)}")
+    t0 = time.perf_counter()
+    arch = gguf_arch(bundle)
+    tensors = list(plan(bundle, outtype))
+    w = gguf.GGUFWriter(str(path), arch)
+    _metadata(w, bundle, arch, outtype)
+    for t in tensors:
+        # quantized tensors are described by their byte shape; gguf-py turns it back into the element shape
+        shape = t.shape if _plain(t) else gguf.quant_shape_to_byte_shape(t.shape, t.qtype)
+        w.add_tensor_info(t.name, shape, _np_dtype(t), t.nbytes, raw_dtype=None if _plain(t) else t.qtype)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_ti_data_to_file()
+    for i, t in enumerate(tensors):
+        w.write_tensor_data(t.data())  # one tensor in memory at a time
+        if progress:
+            progress(t.name, i + 1, len(tensors))
+    w.close()
+    fallbacks = [f"{t.name}: {t.fallback} -> {t.qtype.name}" for t in tensors if t.fallback]
+    return GGUFReport(str(path), arch, outtype, path.stat().st_size, bundle.num_parameters(), fallbacks,
+                      time.perf_counter() - t0)
+
+
+def _plain(t) -> bool:
+    return t.qtype in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16)
+
+
+def _np_dtype(t):
+    import numpy as np
+
+    return {gguf.GGMLQuantizationType.F32: np.float32, gguf.GGMLQuantizationType.F16: np.float16}.get(t.qtype,
+                                                                                                      np.uint8)
+
+
+def write_manifest(report: GGUFReport, bundle: ModelBundle, path: Path) -> None:
+    import importlib.metadata as md
+
+    versions = {}
+    for pkg in ("gguf", "llama-cpp-python", "torch"):
+        try:
+            versions[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            versions[pkg] = None
+    manifest = {"format": "gguf", "artifact": Path(report.path).name, "arch": report.arch,
+                "family": bundle.config.family, "outtype": report.outtype, "size_bytes": report.size_bytes,
+                "bits_per_weight": report.bits_per_weight, "fallbacks": report.fallbacks,
+                "source": bundle.provenance, "versions": versions, "verification": report.verification}
+    path.write_text(json.dumps(manifest, indent=2, default=str) + "\n")

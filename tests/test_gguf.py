@@ -1,0 +1,133 @@
+"""GGUF export checked by llama.cpp itself (llama-cpp-python, F32 KV cache, 1 thread): logits against the reference
+model, and llama.cpp's tokenizer against Hugging Face's on real text."""
+from __future__ import annotations
+
+import json
+
+import gguf
+import numpy as np
+import pytest
+import torch
+
+from exporters.gguf import dequantized_bundle, export
+from runtimes.llama_cpp import LlamaCppRuntime
+from tests.conftest import assert_usage_error, run_cli
+from tests.helpers import random_bundle
+from toolkit.bundle import ModelBundle
+from toolkit.checkpoints import load_checkpoint
+from toolkit.model import build_model
+from toolkit.tokenizer import Tokenizer
+
+N_TOKENS = 72
+
+
+def _ids(bundle, n=N_TOKENS, seed=0):
+    return torch.randint(3, bundle.config.vocab_size, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def _max_diff(bundle, path, ids):
+    rt = LlamaCppRuntime(path, threads=1, ctx=128)
+    with torch.no_grad():
+        ref = build_model(bundle)(torch.tensor([ids]))[0].numpy()
+    got = rt.logits(ids)
+    return float(np.abs(got - ref).max()), float((got.argmax(-1) == ref.argmax(-1)).mean()), float(np.abs(ref).max())
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "qwen3_moe"])
+def test_f32_and_f16_match_reference(family, tmp_path):
+    bundle = random_bundle(family, seed=4, tie_word_embeddings=family != "qwen2", max_position_embeddings=2048)
+    ids = _ids(bundle)
+    export(bundle, tmp_path / "m-f32.gguf", "f32", verify_file=False)
+    diff, agree, scale = _max_diff(bundle, tmp_path / "m-f32.gguf", ids)
+    assert scale > 1.0 and diff <= 1e-4 and agree == 1.0, diff
+    export(bundle, tmp_path / "m-f16.gguf", "f16", verify_file=False)
+    # against the reference on the file's own f16 weights; llama.cpp also rounds activations to f16 in its matmuls
+    # random weights give large logits, so the bound here is relative; the absolute 5e-3 is checked on the
+    # trained model (test_q8_0_and_f16_on_trained_model)
+    diff16, agree16, scale16 = _max_diff(dequantized_bundle(bundle, "f16"), tmp_path / "m-f16.gguf", ids)
+    assert diff16 <= 5e-3 * scale16 and agree16 >= 0.97, (diff16, scale16)  # 0.5% of the logit range
+    reader = gguf.GGUFReader(tmp_path / "m-f32.gguf")
+    names = {t.name for t in reader.tensors}
+    assert ("output.weight" in names) == (not bundle.config.tie_word_embeddings)
+    arch = bytes(reader.fields["general.architecture"].parts[-1]).decode()
+    assert arch == bundle.config.fam.gguf_arch
+    assert float(reader.fields[f"{arch}.rope.freq_base"].parts[-1][0]) == bundle.config.rope_theta
+    assert int(reader.fields[f"{arch}.attention.head_count_kv"].parts[-1][0]) == bundle.config.num_kv_heads
+
+
+def test_llama_without_permutation_would_be_caught(tmp_path, monkeypatch):
+    """The q/k permutation matters: without it llama.cpp's pair-wise RoPE computes something else."""
+    from toolkit.arch import FAMILIES, Family
+
+    bundle = random_bundle("llama", seed=6, max_position_embeddings=2048)
+    broken = Family(**{**FAMILIES["llama"].__dict__, "gguf_permute_qk": False})
+    monkeypatch.setitem(FAMILIES, "llama", broken)
+    export(bundle, tmp_path / "bad.gguf", "f32", verify_file=False)
+    monkeypatch.undo()
+    assert _max_diff(bundle, tmp_path / "bad.gguf", _ids(bundle))[0] > 1e-2
+
+
+def test_q8_0_and_f16_on_trained_model(trained_model, tmp_path):
+    bundle = load_checkpoint(trained_model)
+    export(bundle, tmp_path / "t-f16.gguf", "f16", verify_file=False)
+    ids = bundle.tokenizer.encode((trained_model / "heldout.txt").read_text())[:96]
+    assert _max_diff(bundle, tmp_path / "t-f16.gguf", ids)[0] <= 5e-3  # against fp32 weights
+    report = export(bundle, tmp_path / "t-q8_0.gguf", "q8_0")  # verifies against the dequantized weights (<= 0.1)
+    assert report.verification["max_abs_diff"] <= 0.1
+    held = bundle.tokenizer.encode((trained_model / "heldout.txt").read_text())[:128]
+    export(bundle, tmp_path / "t-f32.gguf", "f32")
+    fp32 = LlamaCppRuntime(tmp_path / "t-f32.gguf").logits(held)
+    q8 = LlamaCppRuntime(tmp_path / "t-q8_0.gguf").logits(held)
+    assert (fp32.argmax(-1) == q8.argmax(-1)).mean() >= 0.97
+    manifest = json.loads((tmp_path / "t-q8_0.manifest.json").read_text())
+    assert manifest["outtype"] == "q8_0" and manifest["verification"]["tokenizer_match"]
+    assert 8.0 < report.bits_per_weight < 9.5
+
+
+@pytest.mark.parametrize("era", ["minimind2-tokenizer", "minimind3-tokenizer"])
+def test_llama_cpp_tokenizes_like_hugging_face(era, shared_data, tmp_path):
+    tok = Tokenizer.from_dir(shared_data / era)
+    from tests.helpers import random_weights, tiny_config
+
+    cfg = tiny_config("llama", vocab_size=6400, max_position_embeddings=2048)
+    bundle = ModelBundle.from_tensors(cfg, random_weights(cfg, 1), tok).check()
+    export(bundle, tmp_path / "tok.gguf", "f16")
+    rt = LlamaCppRuntime(tmp_path / "tok.gguf", ctx=64)
+    wiki = (shared_data / "wikitext-2-raw-test.txt").read_text(encoding="utf-8")
+    assert rt.tokenize(wiki) == tok.encode(wiki)
+    for text in ["你好，世界！今天是2024年3月15日，气温23.5度。", "emoji 🙂🚀👍🏽 and ZWJ 👨‍👩‍👧", "Ünïcödé ✓ ½ ∑"]:
+        assert rt.tokenize(text) == tok.encode(text), text
+    reader = gguf.GGUFReader(tmp_path / "tok.gguf")
+    assert bytes(reader.fields["tokenizer.ggml.pre"].parts[-1]).decode() == "gpt-2"
+
+
+def test_export_cli_and_bad_inputs(tmp_path):
+    from toolkit.checkpoints.hf_writer import save_hf
+
+    save_hf(random_bundle("qwen3", seed=2, max_position_embeddings=2048), tmp_path / "m")
+    proc = run_cli("export", "gguf", tmp_path / "m", "-o", tmp_path / "m-f32.gguf", "--outtype", "f32")
+    assert proc.returncode == 0, proc.stderr
+    assert "verified in llama.cpp" in proc.stderr
+    dest = tmp_path / "x.gguf"
+    assert "unknown GGUF type" in assert_usage_error(run_cli("export", "gguf", tmp_path / "m", "-o", dest,
+                                                             "--outtype", "q3_x"), dest)
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    assert_usage_error(run_cli("export", "gguf", tmp_path / "m", "-o", blocker / "m.gguf"))
+    save_hf(random_bundle("qwen2_moe", seed=2), tmp_path / "moe")
+    dest = tmp_path / "moe.gguf"
+    assert "llama.cpp" in assert_usage_error(run_cli("export", "gguf", tmp_path / "moe", "-o", dest), dest)
+
+
+def test_non_finite_weights_are_refused(tmp_path):
+    bundle = random_bundle("llama", seed=3)
+    w = bundle.load("model.layers.0.mlp.up_proj.weight").clone()
+    w[0, 0] = float("nan")
+    from toolkit.bundle import TensorRef
+
+    bundle.tensors["model.layers.0.mlp.up_proj.weight"] = TensorRef("x", tuple(w.shape), w.dtype, lambda: w)
+    from toolkit.errors import ToolkitError
+
+    with pytest.raises(ToolkitError, match="NaN"):
+        export(bundle, tmp_path / "nan.gguf", "f16")
+    assert not (tmp_path / "nan.gguf").exists() and not list(tmp_path.glob("nan.gguf.partial-*"))
