@@ -58,8 +58,24 @@ class LlamaCppRuntime:
         self.llm.eval(token_ids)
         return np.array(self.llm.scores[: len(token_ids)], dtype=np.float32)
 
-    def tokenize(self, text: str) -> list[int]:
-        return self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=False)
+    def tokenize(self, text: str, special: bool = False) -> list[int]:
+        return self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=special)
+
+    def detokenize(self, ids: list[int]) -> str:
+        return self.llm.detokenize(ids).decode("utf-8", errors="replace")
+
+    def metadata(self, key: str) -> str | None:
+        return self.llm.metadata.get(key)
+
+    def token_text(self, token_id: int | None) -> str | None:
+        return None if token_id is None else self.detokenize([token_id]) or None
+
+    def end_of_turn_ids(self) -> list[int]:
+        ids = [self.llm.token_eos()]
+        eot = self.metadata("tokenizer.ggml.eot_token_id")
+        if eot is not None:
+            ids.append(int(eot))
+        return list(dict.fromkeys(i for i in ids if i is not None and i >= 0))
 
     def generate(self, token_ids: list[int], max_new_tokens: int, sampler: Callable[[np.ndarray], int],
                  stop_ids: list[int] = (), on_token: Callable[[int], None] | None = None) -> Generation:

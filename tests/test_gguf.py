@@ -108,6 +108,10 @@ def test_export_cli_and_bad_inputs(tmp_path):
     proc = run_cli("export", "gguf", tmp_path / "m", "-o", tmp_path / "m-f32.gguf", "--outtype", "f32")
     assert proc.returncode == 0, proc.stderr
     assert "verified in llama.cpp" in proc.stderr
+    from_torch = run_cli("generate", tmp_path / "m", "-p", "The quick brown", "-n", "16")
+    from_gguf = run_cli("generate", tmp_path / "m-f32.gguf", "-p", "The quick brown", "-n", "16")
+    assert from_gguf.returncode == 0, from_gguf.stderr
+    assert from_gguf.stdout == from_torch.stdout and "llama.cpp" in from_gguf.stderr
     dest = tmp_path / "x.gguf"
     assert "unknown GGUF type" in assert_usage_error(run_cli("export", "gguf", tmp_path / "m", "-o", dest,
                                                              "--outtype", "q3_x"), dest)

@@ -203,21 +203,40 @@ def generate(
         if not torch.cuda.is_available():
             raise ToolkitError("--device cuda but no CUDA device is visible", "use --device cpu")
     sampler = make_sampler(temperature, top_k, top_p, seed)
-    bundle = _load(model, arch, tokenizer, config, num_heads, experts_per_tok)
-    name = runtime or "torch"
-    if name not in RUNTIMES:
-        raise ToolkitError(f"unknown runtime '{name}'", f"available: {', '.join(RUNTIMES)}")
-    rt = RUNTIMES[name].load(bundle, threads=threads, device=device)
-    tok = bundle.tokenizer
-    if chat:
-        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user",
-                                                                                 "content": prompt}]
-        ids = tok.tok.encode(tok.render_chat(messages), add_special_tokens=False).ids
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    if str(model).endswith(".gguf"):  # an exported file runs in its own engine, with its own tokenizer
+        from toolkit.tokenizer import render_chat_template
+
+        name = runtime or "llama_cpp"
+        if name not in RUNTIMES:
+            raise ToolkitError(f"unknown runtime '{name}'", f"available: {', '.join(RUNTIMES)}")
+        if not Path(model).is_file():
+            raise ToolkitError(f"{model} does not exist", "check the path")
+        rt = RUNTIMES[name].load(model, threads=threads, device=device, verbose=Flags.verbose)
+        if chat:
+            text = render_chat_template(rt.metadata("tokenizer.chat_template"), messages, None, None)
+            ids, stops = rt.tokenize(text, special=True), rt.end_of_turn_ids()
+        else:
+            ids, stops = rt.tokenize(prompt), []
+        detokenize = rt.detokenize
     else:
-        ids = tok.encode(prompt)
+        bundle = _load(model, arch, tokenizer, config, num_heads, experts_per_tok)
+        name = runtime or "torch"
+        if name not in RUNTIMES:
+            raise ToolkitError(f"unknown runtime '{name}'", f"available: {', '.join(RUNTIMES)}")
+        rt = RUNTIMES[name].load(bundle, threads=threads, device=device)
+        tok = bundle.tokenizer
+        if chat:
+            ids = tok.tok.encode(tok.render_chat(messages), add_special_tokens=False).ids
+            stops = tok.end_of_turn_ids()
+        else:
+            ids, stops = tok.encode(prompt), []
+
+        def detokenize(xs: list[int]) -> str:
+            return tok.decode(xs, skip_special=True)
     if not ids:
         raise ToolkitError("the prompt is empty after tokenization", "pass a non-empty --prompt")
-    stream = StreamDecoder(lambda xs: tok.decode(xs, skip_special=True))
+    stream = StreamDecoder(detokenize)
     if not chat:
         sys.stdout.write(prompt)
 
@@ -225,7 +244,7 @@ def generate(
         sys.stdout.write(stream.push(token))
         sys.stdout.flush()
 
-    result = rt.generate(ids, max_new_tokens, sampler, tok.end_of_turn_ids() if chat else [], on_token=emit)
+    result = rt.generate(ids, max_new_tokens, sampler, stops, on_token=emit)
     sys.stdout.write(stream.flush() + "\n")
     err.print(f"[dim]{rt.label}: prompt {result.prompt_tokens} tokens, {result.prefill_tps:.1f} tok/s prefill; "
               f"{len(result.ids)} new tokens, {result.decode_tps:.1f} tok/s decode ({result.stopped_by})[/dim]")

@@ -81,18 +81,8 @@ class Tokenizer:
         return self.tok.decode(list(ids), skip_special_tokens=skip_special)
 
     def render_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
-        template = self.chat_template
-        if not template:
-            raise ToolkitError("this tokenizer has no chat template", "drop --chat, or add chat_template to "
-                                                                       "tokenizer_config.json")
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-        env.globals["raise_exception"] = _raise_template_error
-        bos = self.config.get("bos_token")
-        eos = self.config.get("eos_token")
-        return env.from_string(template).render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                                bos_token=bos, eos_token=eos)
+        return render_chat_template(self.chat_template, messages, self.config.get("bos_token"),
+                                    self.config.get("eos_token"), add_generation_prompt)
 
     # --- files -------------------------------------------------------------------------------------------------
     @classmethod
@@ -144,6 +134,20 @@ class Tokenizer:
                   "model_max_length": 32768, "clean_up_tokenization_spaces": False,
                   "tokenizer_class": "PreTrainedTokenizerFast", "chat_template": CHATML_TEMPLATE}
         return cls(tok, config)
+
+
+def render_chat_template(template: str | None, messages: list[dict[str, str]], bos: str | None, eos: str | None,
+                         add_generation_prompt: bool = True) -> str:
+    """Render a Hugging Face chat template in a sandbox, as transformers does."""
+    if not template:
+        raise ToolkitError("this model has no chat template", "drop --chat, or add chat_template to "
+                                                              "tokenizer_config.json")
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.globals["raise_exception"] = _raise_template_error
+    return env.from_string(template).render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                            bos_token=bos, eos_token=eos)
 
 
 def _raise_template_error(message: str) -> None:
