@@ -311,12 +311,30 @@ def export_gguf(
     report = EXPORTERS["gguf"].export(bundle, dest, outtype, verify, force, threads, Flags.verbose)
     for line in report.fallbacks:
         err.print(f"[yellow]fallback[/yellow] {line}")
+    for line in report.warnings:
+        err.print(f"[yellow]warning[/yellow] {line}")
     v = report.verification
     checked = (f"verified in llama.cpp: max |dlogit| {v['max_abs_diff']:.2e} (<= {v['tolerance']:g}), argmax "
                f"agreement {100 * v['argmax_agreement']:.1f}%, tokenizer identical") if v else "not verified"
     err.print(f"{report.arch} {outtype}: {report.size_bytes / 1e6:.1f} MB, {report.bits_per_weight:.2f} bits/weight, "
               f"{report.seconds:.1f} s; {checked}")
     out.print(str(dest))
+
+
+# --- modelfile -----------------------------------------------------------------------------------------------
+modelfile_app = typer.Typer(no_args_is_help=True, help="Ollama Modelfiles.")
+app.add_typer(modelfile_app, name="modelfile")
+
+
+@modelfile_app.command("validate")
+def modelfile_validate(path: Annotated[Path, typer.Argument(help="The Modelfile to check.")]):
+    """Check a Modelfile by Ollama's rules: instructions, quoting, parameter names and types, roles, and that a FROM
+    file exists (Ollama would silently read a missing one as a registry model name)."""
+    from exporters.gguf.modelfile import validate
+
+    for warning in validate(path):
+        err.print(f"[yellow]warning[/yellow] {warning}")
+    out.print(f"{path}: valid")
 
 
 # --- entry point -----------------------------------------------------------------------------------------------

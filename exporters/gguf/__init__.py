@@ -9,6 +9,7 @@ import torch
 
 from exporters import ExporterSpec, register
 from exporters.gguf.tensors import OUTTYPES, _tensor_type
+from exporters.gguf.modelfile import write_modelfile
 from exporters.gguf.writer import GGUFReport, write_gguf, write_manifest
 from toolkit.bundle import ModelBundle
 from toolkit.errors import ToolkitError, VerificationError
@@ -91,13 +92,18 @@ def export(bundle: ModelBundle, out: Path, outtype: str = "f16", verify_file: bo
     if out.suffix != ".gguf":
         raise ToolkitError(f"{out} does not end in .gguf", "name the output FILE.gguf")
     manifest = out.with_name(out.stem + ".manifest.json")
-    check_destination(out, force)
-    check_destination(manifest, force)
-    with atomic_output(out, force) as partial, atomic_output(manifest, force) as partial_manifest:
+    modelfile = out.with_name(out.stem + ".Modelfile")
+    for dest in (out, manifest, modelfile):
+        check_destination(dest, force)
+    with atomic_output(out, force) as partial, atomic_output(manifest, force) as partial_manifest, \
+            atomic_output(modelfile, force) as partial_modelfile:
         report = write_gguf(bundle, partial, outtype, progress)
         if verify_file:
             report.verification = verify(bundle, partial, outtype, threads, verbose)
         report.path = str(out)
+        warning = write_modelfile(out, bundle.tokenizer, bundle.config.max_position_embeddings, partial_modelfile)
+        if warning:
+            report.warnings.append(warning)
         write_manifest(report, bundle, partial_manifest)
     return report
 

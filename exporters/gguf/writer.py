@@ -25,6 +25,7 @@ class GGUFReport:
     fallbacks: list[str] = field(default_factory=list)
     seconds: float = 0.0
     verification: dict[str, Any] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def bits_per_weight(self) -> float:
