@@ -22,11 +22,15 @@ $(STAMP): pyproject.toml
 test: $(STAMP)
 	$(PY) -m pytest -q tests
 
-# The main job on the embedded default corpus: train a small model, then generate from it.
+# The main job on the embedded default corpus: train a small model, export it to GGUF (verified in llama.cpp, with
+# an Ollama Modelfile beside it), and generate from both.
 demo: $(STAMP)
 	$(VENV)/bin/toolkit train -o $(DEMO) --force --steps 300 --seq-len 128
 	$(VENV)/bin/toolkit info $(DEMO)
 	$(VENV)/bin/toolkit generate $(DEMO) --prompt "Return the number of" -n 48 --temperature 0.8 --top-k 40 --seed 0
+	$(VENV)/bin/toolkit export gguf $(DEMO) -o $(DEMO)-q4_k_m.gguf --outtype q4_k_m --force
+	$(VENV)/bin/toolkit modelfile validate $(DEMO)-q4_k_m.Modelfile
+	$(VENV)/bin/toolkit generate $(DEMO)-q4_k_m.gguf --prompt "Return the number of" -n 48
 
 clean:
 	rm -rf $(VENV) artifacts runs .pytest_cache

@@ -156,3 +156,37 @@ def test_generate_greedy_matches_uncached_argmax(hf_dir):
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.rstrip("\n") == expected
     assert "tok/s decode" in proc.stderr
+
+
+@pytest.mark.parametrize("case", ["config_list", "config_missing_key", "pth_garbage", "pth_empty", "pth_no_layers",
+                                  "config_file_list", "config_file_text_heads"])
+def test_damaged_inputs_exit_2(case, tmp_path, hf_dir):
+    target, extra = hf_dir, []
+    if case == "config_list":
+        (hf_dir / "config.json").write_text("[1, 2]")
+    elif case == "config_missing_key":
+        _edit_config(hf_dir, hidden_size=None)
+    elif case in ("pth_garbage", "pth_empty"):
+        target = tmp_path / "m.pth"
+        target.write_bytes(b"" if case == "pth_empty" else b"\x80\x02junk" * 50)
+    else:
+        target = tmp_path / "m.pth"
+        torch.save({"model.embed_tokens.weight": torch.zeros(8, 4)}, target)
+        if case != "pth_no_layers":
+            cfg = tmp_path / "cfg.json"
+            cfg.write_text("[8]" if case == "config_file_list" else '{"num_attention_heads": "eight"}')
+            extra = ["--config", cfg]
+    dest = tmp_path / "out"
+    assert_usage_error(run_cli("convert", target, "-o", dest, "--tokenizer", hf_dir, *extra), dest)
+
+
+def test_generate_rejects_wrong_device_and_runtime(hf_dir):
+    assert "device" in assert_usage_error(run_cli("generate", hf_dir, "-p", "x", "--device", "gpu"))
+    assert "cannot open" in assert_usage_error(run_cli("generate", hf_dir, "-p", "x", "--runtime", "llama_cpp"))
+
+
+def test_training_options_are_checked_before_work(tmp_path):
+    dest = tmp_path / "run"
+    assert "even" in assert_usage_error(run_cli("train", "-o", dest, "--seq-len", "31"), dest)
+    assert "--lr" in assert_usage_error(run_cli("train", "-o", dest, "--lr", "-1"), dest)
+    assert "--grad-clip" in assert_usage_error(run_cli("train", "-o", dest, "--grad-clip", "-1"), dest)

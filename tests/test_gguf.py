@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from exporters.gguf import dequantized_bundle, export
+from exporters.gguf import export
+from exporters.gguf.readback import bundle_from_gguf, tensor_types
 from runtimes.llama_cpp import LlamaCppRuntime
 from tests.conftest import assert_usage_error, run_cli
 from tests.helpers import random_bundle
@@ -44,7 +45,8 @@ def test_f32_and_f16_match_reference(family, tmp_path):
     # against the reference on the file's own f16 weights; llama.cpp also rounds activations to f16 in its matmuls
     # random weights give large logits, so the bound here is relative; the absolute 5e-3 is checked on the
     # trained model (test_q8_0_and_f16_on_trained_model)
-    diff16, agree16, scale16 = _max_diff(dequantized_bundle(bundle, "f16"), tmp_path / "m-f16.gguf", ids)
+    diff16, agree16, scale16 = _max_diff(bundle_from_gguf(tmp_path / "m-f16.gguf", bundle), tmp_path / "m-f16.gguf",
+                                         ids)
     assert diff16 <= 5e-3 * scale16 and agree16 >= 0.97, (diff16, scale16)  # 0.5% of the logit range
     reader = gguf.GGUFReader(tmp_path / "m-f32.gguf")
     names = {t.name for t in reader.tensors}
@@ -82,6 +84,28 @@ def test_q8_0_and_f16_on_trained_model(trained_model, tmp_path):
     manifest = json.loads((tmp_path / "t-q8_0.manifest.json").read_text())
     assert manifest["outtype"] == "q8_0" and manifest["verification"]["tokenizer_match"]
     assert 8.0 < report.bits_per_weight < 9.5
+
+
+def test_k_quants_on_trained_model(trained_model, tmp_path):
+    bundle = load_checkpoint(trained_model)  # widths 256 and 768: every matrix takes K-quants
+    report = export(bundle, tmp_path / "t-q4_k_m.gguf", "q4_k_m")  # verified against the file's own weights
+    assert report.tensor_types.get("Q4_K", 0) >= 20 and not report.fallbacks
+    assert set(tensor_types(tmp_path / "t-q4_k_m.gguf").values()) <= {"F32", "Q4_K", "Q6_K"}
+    assert 4.5 < report.bits_per_weight < 6.5
+    held = bundle.tokenizer.encode((trained_model / "heldout.txt").read_text())[:128]
+    export(bundle, tmp_path / "t-f32.gguf", "f32", verify_file=False)
+    fp32 = LlamaCppRuntime(tmp_path / "t-f32.gguf").logits(held)
+    q4 = LlamaCppRuntime(tmp_path / "t-q4_k_m.gguf").logits(held)
+    assert (fp32.argmax(-1) == q4.argmax(-1)).mean() >= 0.85
+
+
+def test_k_quant_fallback_is_reported_for_width_2432(tmp_path):
+    bundle = random_bundle("llama", seed=8, hidden_size=256, num_heads=4, head_dim=64, intermediate_size=2432,
+                           num_layers=1, max_position_embeddings=2048)
+    report = export(bundle, tmp_path / "w-q4_k_m.gguf", "q4_k_m", verify_file=False)
+    assert report.fallbacks and any("2432" in line for line in report.fallbacks), report.fallbacks
+    manifest = json.loads((tmp_path / "w-q4_k_m.manifest.json").read_text())
+    assert manifest["fallbacks"] == report.fallbacks
 
 
 @pytest.mark.parametrize("era", ["minimind2-tokenizer", "minimind3-tokenizer"])
@@ -135,3 +159,33 @@ def test_non_finite_weights_are_refused(tmp_path):
     with pytest.raises(ToolkitError, match="NaN"):
         export(bundle, tmp_path / "nan.gguf", "f16")
     assert not (tmp_path / "nan.gguf").exists() and not list(tmp_path.glob("nan.gguf.partial-*"))
+
+
+def test_sigkill_mid_export_leaves_nothing_at_destination(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import ROOT
+    from toolkit.checkpoints.hf_writer import save_hf
+
+    # big enough (25M parameters, numpy q8_0) that the write takes a while
+    save_hf(random_bundle("llama", seed=1, hidden_size=512, num_heads=8, head_dim=64, num_layers=8,
+                          intermediate_size=1408, max_position_embeddings=2048), tmp_path / "m")
+    dest = tmp_path / "m-q8_0.gguf"
+    proc = subprocess.Popen([sys.executable, "-m", "toolkit", "export", "gguf", str(tmp_path / "m"), "-o", str(dest),
+                             "--outtype", "q8_0"], env={**os.environ, "PYTHONPATH": str(ROOT)},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        partial = list(tmp_path.glob("m-q8_0.gguf.partial-*"))
+        if partial and partial[0].stat().st_size > 1_000_000:
+            break
+        time.sleep(0.01)
+    assert proc.poll() is None, "export finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert not dest.exists() and not (tmp_path / "m-q8_0.manifest.json").exists()
+    assert not (tmp_path / "m-q8_0.Modelfile").exists()

@@ -151,3 +151,18 @@ def test_minimind2_moe_matches_independent_implementation_and_transformers(tmp_p
         assert (_ours_prefill_then_decode(ours, ids)[0] - ref).abs().max().item() <= TOL
         hf = _hf_model(bundle, tmp_path)  # saved as Qwen2-MoE: zero gate and biases, doubled shared down proj
         assert (hf(ids).logits[0] - ref).abs().max().item() <= TOL
+
+
+def test_qwen3_moe_config_without_norm_topk_prob_follows_transformers(tmp_path):
+    import json
+
+    bundle = random_bundle("qwen3_moe", seed=9, norm_topk_prob=False)
+    save_hf(bundle, tmp_path / "hf")
+    cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
+    del cfg["norm_topk_prob"]  # transformers' default applies: False
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(cfg))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    ours = build_model(load_checkpoint(tmp_path / "hf"))
+    ids = torch.randint(0, 320, (1, 20), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        assert (ours(ids) - hf(ids).logits).abs().max().item() <= TOL

@@ -102,3 +102,41 @@ def test_torchrun_two_processes(tmp_path):
     with torch.no_grad():
         assert np.isfinite(build_model(bundle)(ids).numpy()).all()
     assert not list(tmp_path.glob("ddp.partial-*"))
+
+
+def test_ctrl_c_leaves_a_resumable_state(tmp_path):
+    import signal
+    import time
+
+    text = tmp_path / "t.txt"
+    text.write_text(default_corpus()[:120_000])
+    dest = tmp_path / "run"
+    state = tmp_path / "run.train_state.pt"
+    args = [sys.executable, "-m", "toolkit", "train", "--text", str(text), "-o", str(dest), "--steps", "100000",
+            *QUICK]
+    args[args.index("--save-every") + 1] = "2"
+    proc = subprocess.Popen(args, env={**os.environ, "PYTHONPATH": str(ROOT)}, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not state.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr[-2000:]
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith("error: training interrupted") and f"--resume {state}" in last
+    assert not dest.exists() and state.is_file()
+    saved = torch.load(state, weights_only=True)["step"]
+    resumed = run_cli("train", "--text", text, "-o", dest, "--steps", str(saved + 2), "--resume", state, *QUICK)
+    assert resumed.returncode == 0, resumed.stderr
+    log = [json.loads(line) for line in (dest / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == list(range(1, saved + 3))
+    assert not state.exists() and (dest / "train_state.pt").is_file()
+
+
+def test_lr_schedule_reaches_min_lr():
+    from toolkit.train import TrainOptions, lr_at
+
+    opts = TrainOptions(out="x", steps=10, warmup=2, lr=1.0, min_lr=0.1)
+    assert lr_at(0, opts) == 0.5 and lr_at(1, opts) == 1.0 and lr_at(2, opts) == 1.0
+    assert abs(lr_at(9, opts) - 0.1) < 1e-12

@@ -173,6 +173,15 @@ def _mlp_shapes(prefix: str, hidden: int, inter: int) -> dict[str, tuple[int, ..
 
 def config_from_hf(cfg: dict[str, Any]) -> ArchConfig:
     """Read a transformers config.json into an ArchConfig, refusing what the table cannot compute."""
+    if not isinstance(cfg, dict):
+        raise ToolkitError("config.json is not a JSON object", "pass a Hugging Face model folder")
+    try:
+        return _config_from_hf(cfg)
+    except (KeyError, TypeError, ValueError) as e:
+        raise ToolkitError(f"config.json lacks or mistypes {e}", "compare it with the model class's config") from None
+
+
+def _config_from_hf(cfg: dict[str, Any]) -> ArchConfig:
     model_type = cfg.get("model_type")
     fam_name = HF_MODEL_TYPES.get(model_type or "")
     if fam_name is None:
@@ -205,7 +214,7 @@ def config_from_hf(cfg: dict[str, Any]) -> ArchConfig:
         ac.num_experts = int(cfg["num_experts"])
         ac.num_experts_per_tok = int(cfg["num_experts_per_tok"])
         ac.moe_intermediate_size = int(cfg["moe_intermediate_size"])
-        ac.norm_topk_prob = bool(cfg.get("norm_topk_prob", fam_name == "qwen3_moe"))
+        ac.norm_topk_prob = bool(cfg.get("norm_topk_prob", False))  # transformers' default for both MoE configs
         if fam.shared_expert:
             ac.shared_expert_intermediate_size = int(cfg["shared_expert_intermediate_size"])
     return ac.validate()

@@ -91,8 +91,10 @@ def train(
     seed: Annotated[int, typer.Option(help="Seed for weights and batches.")] = 0,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda (bf16/fp16 autocast on CUDA).")] = "auto",
     threads: Annotated[Optional[int], typer.Option(help="CPU threads (default: torch's choice).")] = None,
-    resume: Annotated[Optional[Path], typer.Option(help="Continue from an earlier run's folder "
-                                                        "(its train_state.pt); --steps may grow.")] = None,
+    resume: Annotated[Optional[Path], typer.Option(help="Continue an earlier run: its folder, or the "
+                                                        "<out>.train_state.pt an interrupted run leaves. The run's "
+                                                        "recipe (model, data, optimizer) is kept; --steps may "
+                                                        "grow.")] = None,
     force: Annotated[bool, typer.Option(help="Replace an existing output.")] = False,
 ):
     """Pretrain a MiniMind-style model from scratch; writes a Hugging Face folder with heldout.txt and calib.txt.
@@ -111,10 +113,6 @@ def train(
                         weight_decay=weight_decay, grad_clip=grad_clip, eval_every=eval_every,
                         save_every=save_every, seed=seed, device=device, threads=threads,
                         resume=str(resume) if resume else None, force=force)
-    for key in ("steps", "batch_size", "seq_len", "grad_accum", "eval_every", "save_every", "layers"):
-        value = getattr(opts, key, None) if key != "layers" else layers
-        if value is not None and value <= 0:
-            raise ToolkitError(f"--{key.replace('_', '-')} must be positive, got {value}", "pass a positive number")
     main_rank = int(os.environ.get("RANK", "0")) == 0
     from toolkit.progress import step_progress
 
@@ -197,11 +195,18 @@ def generate(
 
     if max_new_tokens <= 0:
         raise ToolkitError(f"--max-new-tokens must be positive, got {max_new_tokens}", "pass e.g. -n 64")
+    if device not in ("cpu", "cuda"):
+        raise ToolkitError(f"unknown device '{device}'", "use --device cpu or cuda")
+    if threads <= 0:
+        raise ToolkitError(f"--threads must be positive, got {threads}", "pass e.g. --threads 1")
     if device == "cuda":
         import torch
 
         if not torch.cuda.is_available():
             raise ToolkitError("--device cuda but no CUDA device is visible", "use --device cpu")
+    if runtime is not None and runtime in RUNTIMES and not RUNTIMES[runtime].handles(model):
+        raise ToolkitError(f"runtime '{runtime}' cannot open {model}",
+                           "export the checkpoint for that runtime first (toolkit export ...)")
     sampler = make_sampler(temperature, top_k, top_p, seed)
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
     if str(model).endswith(".gguf"):  # an exported file runs in its own engine, with its own tokenizer
@@ -293,7 +298,8 @@ def export_gguf(
     ckpt: Annotated[Path, typer.Argument(help="Checkpoint to export.")],
     out_file: Annotated[Optional[Path], typer.Option("-o", "--out", help="Output FILE.gguf. Default: "
                                                                          "<ckpt>-<outtype>.gguf.")] = None,
-    outtype: Annotated[str, typer.Option(help="f32, f16, bf16, q8_0 or q4_0 (norms and routers stay f32).")] = "f16",
+    outtype: Annotated[str, typer.Option(help="f32, f16, bf16, q8_0, q4_0, or llama.cpp's K-quants q4_k_m, q5_k_m, "
+                                              "q6_k (norms and routers stay f32).")] = "f16",
     verify: Annotated[bool, typer.Option(help="Load the file in llama.cpp and compare logits and tokenization "
                                               "with the reference model before keeping it.")] = True,
     threads: Annotated[int, typer.Option(help="CPU threads for verification.")] = 1,
@@ -316,7 +322,9 @@ def export_gguf(
     v = report.verification
     checked = (f"verified in llama.cpp: max |dlogit| {v['max_abs_diff']:.2e} (<= {v['tolerance']:g}), argmax "
                f"agreement {100 * v['argmax_agreement']:.1f}%, tokenizer identical") if v else "not verified"
-    err.print(f"{report.arch} {outtype}: {report.size_bytes / 1e6:.1f} MB, {report.bits_per_weight:.2f} bits/weight, "
+    types = ", ".join(f"{n} {k}" for k, n in sorted(report.tensor_types.items()))
+    err.print(f"{report.arch} {outtype}: {report.size_bytes / 1e6:.1f} MB, {report.bits_per_weight:.2f} bits/weight "
+              f"({types}), "
               f"{report.seconds:.1f} s; {checked}")
     out.print(str(dest))
 

@@ -25,3 +25,9 @@ class VerificationError(ToolkitError):
     """The work ran but a verification or a gate failed: exit code 1."""
 
     exit_code = 1
+
+
+class Interrupted(ToolkitError):
+    """Stopped by the user (Ctrl-C) with something to resume from: exit code 130, like a shell."""
+
+    exit_code = 130

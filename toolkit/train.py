@@ -27,7 +27,7 @@ from toolkit.arch import ArchConfig
 from toolkit.bundle import ModelBundle
 from toolkit.checkpoints.hf_writer import save_hf
 from toolkit.corpus import default_corpus
-from toolkit.errors import ToolkitError
+from toolkit.errors import Interrupted, ToolkitError
 from toolkit.model import Decoder, init_weights
 from toolkit.outputs import atomic_output, check_destination
 from toolkit.perplexity import perplexity
@@ -85,7 +85,7 @@ def masked_lm_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int
 def lr_at(step: int, opts: TrainOptions) -> float:
     if step < opts.warmup:
         return opts.lr * (step + 1) / opts.warmup
-    progress = min(1.0, (step - opts.warmup) / max(1, opts.steps - opts.warmup))
+    progress = min(1.0, (step - opts.warmup) / max(1, opts.steps - opts.warmup - 1))  # 1.0 on the last step
     return opts.min_lr + 0.5 * (opts.lr - opts.min_lr) * (1 + math.cos(math.pi * progress))
 
 
@@ -220,6 +220,32 @@ def _autocast(device: torch.device):
     return torch.autocast("cpu", enabled=False)
 
 
+RECIPE = ("texts", "with_default_corpus", "heldout_frac", "tokenizer", "vocab_size", "arch", "hidden_size",
+          "num_layers", "num_heads", "num_kv_heads", "intermediate_size", "rope_theta", "rms_norm_eps", "seq_len",
+          "batch_size", "grad_accum", "lr", "min_lr", "warmup", "weight_decay", "beta1", "beta2", "grad_clip",
+          "eval_ctx", "seed")  # what --resume takes from the run; --steps, intervals, device and output stay new
+
+
+def validate_options(opts: TrainOptions) -> None:
+    positive = {"steps": opts.steps, "batch-size": opts.batch_size, "grad-accum": opts.grad_accum,
+                "eval-every": opts.eval_every, "save-every": opts.save_every, "layers": opts.num_layers,
+                "hidden": opts.hidden_size, "heads": opts.num_heads, "kv-heads": opts.num_kv_heads,
+                "ffn": opts.intermediate_size, "lr": opts.lr}
+    if opts.threads is not None:
+        positive["threads"] = opts.threads
+    for name, value in positive.items():
+        if value <= 0:
+            raise ToolkitError(f"--{name} must be positive, got {value}", "pass a positive number")
+    for name, value in {"warmup": opts.warmup, "min-lr": opts.min_lr, "weight-decay": opts.weight_decay,
+                        "grad-clip": opts.grad_clip}.items():
+        if value < 0:
+            raise ToolkitError(f"--{name} must not be negative, got {value}", "pass 0 or more")
+    ctx = opts.eval_ctx or opts.seq_len
+    if ctx < 4 or ctx % 2:
+        raise ToolkitError(f"--seq-len {ctx} must be an even number of at least 4 (held-out chunks are scored "
+                           "on their second half)", "use e.g. --seq-len 256")
+
+
 def _load_resume(path: str) -> dict[str, Any]:
     p = Path(path)
     if p.is_dir():
@@ -228,10 +254,15 @@ def _load_resume(path: str) -> dict[str, Any]:
         raise ToolkitError(f"no training state at {path}", "pass the folder of an earlier `toolkit train` run "
                                                             "(it holds train_state.pt)")
     try:
-        return torch.load(str(p), map_location="cpu", weights_only=True)
+        state = torch.load(str(p), map_location="cpu", weights_only=True)
     except Exception as e:  # any unpickling/format problem is the user's file
-        raise ToolkitError(f"cannot read training state {p}: {str(e).splitlines()[0][:200]}",
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise ToolkitError(f"cannot read training state {p}: {reason}",
                            "the file is damaged; start without --resume") from None
+    needed = {"model", "optimizer", "step", "best_ppl", "best_step", "log", "options", "tokenizer_json"}
+    if not isinstance(state, dict) or not needed <= set(state):
+        raise ToolkitError(f"{p} is not a `toolkit train` state file", "pass the train_state.pt of an earlier run")
+    return state
 
 
 ProgressFn = Callable[[dict[str, Any]], None]
@@ -239,6 +270,7 @@ ProgressFn = Callable[[dict[str, Any]], None]
 
 def train(opts: TrainOptions, progress: ProgressFn | None = None) -> dict[str, Any]:
     device = pick_device(opts.device)
+    validate_options(opts)
     dist = Distributed(device)
     device = dist.device
     if opts.threads:
@@ -247,11 +279,12 @@ def train(opts: TrainOptions, progress: ProgressFn | None = None) -> dict[str, A
     if dist.main:
         check_destination(out, opts.force)
     state = _load_resume(opts.resume) if opts.resume else None
-    if state is not None:  # the run's own recipe wins over defaults, the step budget may grow
-        saved = state["options"]
-        for key in ("arch", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size",
-                    "rope_theta", "rms_norm_eps", "seq_len", "vocab_size"):
-            setattr(opts, key, saved[key])
+    if state is not None:  # the run's own recipe (model, data, optimizer); the step budget may grow
+        for key in RECIPE:
+            if key in state["options"]:
+                setattr(opts, key, state["options"][key])
+        if opts.steps <= state["step"]:
+            raise ToolkitError(f"the run already did {state['step']} steps", f"pass --steps above {state['step']}")
 
     train_text, held_text = split_texts(opts)
     tok_json = None
@@ -302,74 +335,84 @@ def train(opts: TrainOptions, progress: ProgressFn | None = None) -> dict[str, A
     tokens_per_step = opts.batch_size * opts.seq_len * opts.grad_accum * dist.world
     t0, tokens_done = time.perf_counter(), 0
     summary: dict[str, Any] = {}
-    with (atomic_output(out, opts.force, directory=True) if dist.main else _nullcontext(None)) as work:
-        for step in range(start, opts.steps):
-            lr = lr_at(step, opts)
-            for group in optim.param_groups:
-                group["lr"] = lr
-            rng = np.random.default_rng([opts.seed, step, dist.rank])
-            loss_sum = 0.0
-            for micro in range(opts.grad_accum):
-                starts = rng.integers(0, len(train_ids) - opts.seq_len - 1, size=opts.batch_size)
-                window = np.stack([train_ids[s:s + opts.seq_len + 1] for s in starts])
-                batch = torch.from_numpy(window).to(device)
-                sync = micro == opts.grad_accum - 1 or dist.world == 1
-                ctx_mgr = ddp_model.no_sync() if not sync else _nullcontext(None)
-                with ctx_mgr, _autocast(device):
-                    logits = ddp_model(batch[:, :-1])
-                    loss = masked_lm_loss(logits, batch[:, 1:]) / opts.grad_accum
-                scaler.scale(loss).backward()
-                loss_sum += loss.item()
-            scaler.unscale_(optim)
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), opts.grad_clip).item()
-            scaler.step(optim)
-            scaler.update()
-            optim.zero_grad(set_to_none=True)
-            tokens_done += tokens_per_step
-            record: dict[str, Any] = {"step": step + 1, "loss": loss_sum, "lr": lr, "grad_norm": grad_norm,
-                                      "tok_per_s": tokens_done / (time.perf_counter() - t0)}
-            last = step + 1 == opts.steps
-            if dist.main and ((step + 1) % opts.eval_every == 0 or last):
-                ppl = heldout_perplexity(model, held_ids, ctx, device, bos)
-                record["heldout_ppl"] = ppl
-                if ppl < best_ppl:  # keep-best: the output's weights are the best evaluated ones
-                    best_ppl, best_step = ppl, step + 1
-                    best_weights = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-            log.append(record)
-            if dist.main and ((step + 1) % opts.save_every == 0 or last):
-                _save_state(work, model, optim, opts, step + 1, best_ppl, best_step, log, best_weights, tokenizer)
-            if progress and dist.main:
-                progress(record)
-            dist.barrier() if (step + 1) % opts.eval_every == 0 else None
-        if dist.main:
-            if best_weights is None:  # resumed at the end: nothing evaluated in this run
-                best_weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-            weights = {k: v for k, v in best_weights.items() if k in cfg.expected_shapes()}
-            bundle = ModelBundle.from_tensors(cfg, weights, tokenizer, {"format": "toolkit-train"})
-            save_hf(bundle, work)
-            (work / "heldout.txt").write_text(held_text, encoding="utf-8")
-            (work / "calib.txt").write_text(calibration_sample(train_text), encoding="utf-8")
-            with open(work / "train_log.jsonl", "w") as f:
-                for rec in log:
-                    f.write(json.dumps(rec) + "\n")
-            first_ppl = next((r["heldout_ppl"] for r in log if "heldout_ppl" in r), None)
-            summary = {"best_heldout_ppl": best_ppl, "best_step": best_step, "first_heldout_ppl": first_ppl,
-                       "steps": opts.steps, "parameters": cfg.num_parameters(), "train_tokens": int(len(train_ids)),
-                       "heldout_tokens": len(held_ids), "world_size": dist.world, "device": str(device),
-                       "seconds": time.perf_counter() - t0, "options": asdict(opts)}
-            (work / "training.json").write_text(json.dumps(summary, indent=2) + "\n")
+    # the resumable state lives beside the destination, not in the partial folder, so that a crash or Ctrl-C
+    # (which removes the partial) leaves something to --resume from; on success it moves into the output
+    state_file = out.with_name(out.name + ".train_state.pt")
+    try:
+        with (atomic_output(out, opts.force, directory=True) if dist.main else _nullcontext(None)) as work:
+            for step in range(start, opts.steps):
+                lr = lr_at(step, opts)
+                for group in optim.param_groups:
+                    group["lr"] = lr
+                rng = np.random.default_rng([opts.seed, step, dist.rank])
+                loss_sum = 0.0
+                for micro in range(opts.grad_accum):
+                    starts = rng.integers(0, len(train_ids) - opts.seq_len - 1, size=opts.batch_size)
+                    window = np.stack([train_ids[s:s + opts.seq_len + 1] for s in starts])
+                    batch = torch.from_numpy(window).to(device)
+                    sync = micro == opts.grad_accum - 1 or dist.world == 1
+                    ctx_mgr = ddp_model.no_sync() if not sync else _nullcontext(None)
+                    with ctx_mgr, _autocast(device):
+                        logits = ddp_model(batch[:, :-1])
+                        loss = masked_lm_loss(logits, batch[:, 1:]) / opts.grad_accum
+                    scaler.scale(loss).backward()
+                    loss_sum += loss.item()
+                scaler.unscale_(optim)
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), opts.grad_clip).item()
+                scaler.step(optim)
+                scaler.update()
+                optim.zero_grad(set_to_none=True)
+                tokens_done += tokens_per_step
+                record: dict[str, Any] = {"step": step + 1, "loss": loss_sum, "lr": lr, "grad_norm": grad_norm,
+                                          "tok_per_s": tokens_done / (time.perf_counter() - t0)}
+                last = step + 1 == opts.steps
+                if dist.main and ((step + 1) % opts.eval_every == 0 or last):
+                    ppl = heldout_perplexity(model, held_ids, ctx, device, bos)
+                    record["heldout_ppl"] = ppl
+                    if ppl < best_ppl:  # keep-best: the output's weights are the best evaluated ones
+                        best_ppl, best_step = ppl, step + 1
+                        best_weights = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+                log.append(record)
+                if dist.main and ((step + 1) % opts.save_every == 0 or last):
+                    _save_state(state_file, model, optim, opts, step + 1, best_ppl, best_step, log, best_weights,
+                                    tokenizer)
+                if progress and dist.main:
+                    progress(record)
+                dist.barrier() if (step + 1) % opts.eval_every == 0 else None
+            if dist.main:
+                if best_weights is None:  # resumed at the end: nothing evaluated in this run
+                    best_weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+                weights = {k: v for k, v in best_weights.items() if k in cfg.expected_shapes()}
+                bundle = ModelBundle.from_tensors(cfg, weights, tokenizer, {"format": "toolkit-train"})
+                save_hf(bundle, work)
+                (work / "heldout.txt").write_text(held_text, encoding="utf-8")
+                (work / "calib.txt").write_text(calibration_sample(train_text), encoding="utf-8")
+                with open(work / "train_log.jsonl", "w") as f:
+                    for rec in log:
+                        f.write(json.dumps(rec) + "\n")
+                first_ppl = next((r["heldout_ppl"] for r in log if "heldout_ppl" in r), None)
+                summary = {"best_heldout_ppl": best_ppl, "best_step": best_step, "first_heldout_ppl": first_ppl,
+                           "steps": opts.steps, "parameters": cfg.num_parameters(), "train_tokens": int(len(train_ids)),
+                           "heldout_tokens": len(held_ids), "world_size": dist.world, "device": str(device),
+                           "seconds": time.perf_counter() - t0, "options": asdict(opts)}
+                (work / "training.json").write_text(json.dumps(summary, indent=2) + "\n")
+                os.replace(state_file, work / "train_state.pt")
+    except KeyboardInterrupt:
+        if dist.main and state_file.exists():
+            raise Interrupted("training interrupted", f"continue with --resume {state_file}") from None
+        raise
     dist.barrier()
     dist.close()
     return summary
 
 
-def _save_state(work: Path, model, optim, opts, step, best_ppl, best_step, log, best_weights, tokenizer) -> None:
+def _save_state(file: Path, model, optim, opts, step, best_ppl, best_step, log, best_weights, tokenizer) -> None:
     state = {"model": model.state_dict(), "optimizer": optim.state_dict(), "step": step, "best_ppl": best_ppl,
              "best_step": best_step, "log": log, "options": asdict(opts), "best_model": best_weights,
              "tokenizer_json": (tokenizer.tok.to_str(), tokenizer.config)}
-    tmp = work / "train_state.pt.tmp"
+    tmp = file.with_name(file.name + ".tmp")
     torch.save(state, tmp)
-    os.replace(tmp, work / "train_state.pt")
+    os.replace(tmp, file)
 
 
 def _pieces(text: str, size: int = 1 << 16):

@@ -1,6 +1,9 @@
 """GGUF for llama.cpp: write, verify in llama.cpp against the reference model, then move into place."""
 from __future__ import annotations
 
+import contextlib
+import io
+import os
 from pathlib import Path
 from typing import Callable
 
@@ -8,7 +11,8 @@ import numpy as np
 import torch
 
 from exporters import ExporterSpec, register
-from exporters.gguf.tensors import OUTTYPES, _tensor_type
+from exporters.gguf.readback import bundle_from_gguf, tensor_types
+from exporters.gguf.tensors import OUTTYPES
 from exporters.gguf.modelfile import write_modelfile
 from exporters.gguf.writer import GGUFReport, write_gguf, write_manifest
 from toolkit.bundle import ModelBundle
@@ -17,41 +21,19 @@ from toolkit.outputs import atomic_output, check_destination
 
 # max |logit difference| allowed against the reference model on the file's own (dequantized) weights
 # bf16: llama.cpp rounds activations to bf16 inside its bf16 dot products, so it drifts more than f16
-TOLERANCE = {"f32": 1e-4, "f16": 5e-3, "bf16": 5e-2, "q8_0": 0.1, "q4_0": 0.25}
+TOLERANCE = {"f32": 1e-4, "f16": 5e-3, "bf16": 5e-2, "q8_0": 0.1, "q4_0": 0.25, "q6_k": 0.1, "q5_k_m": 0.2,
+             "q4_k_m": 0.25}
 # rounded types also round activations inside llama.cpp's matmuls, an error that grows with the logits' scale:
 # the bound is the larger of the absolute one and this share of the reference's largest |logit| (f32 stays exact)
-RELATIVE = {"f32": 0.0, "f16": 5e-3, "bf16": 2e-2, "q8_0": 2e-2, "q4_0": 5e-2}
+RELATIVE = {"f32": 0.0, "f16": 5e-3, "bf16": 2e-2, "q8_0": 2e-2, "q4_0": 5e-2, "q6_k": 2e-2, "q5_k_m": 4e-2,
+            "q4_k_m": 5e-2}
+# K-quants come from llama.cpp's own quantizer (llama_model_quantize), run on an f32 file we write first
+KQUANTS = {"q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M", "q5_k_m": "LLAMA_FTYPE_MOSTLY_Q5_K_M",
+           "q6_k": "LLAMA_FTYPE_MOSTLY_Q6_K"}
+ALL_TYPES = [*OUTTYPES, *KQUANTS]
 VERIFY_TEXT = ("The quick brown fox jumps over the lazy dog. def main():\n    return 42\n"
                "你好，世界！今天是2024年3月15日。 Ünïcödé ✓ 🙂🚀 ")
 VERIFY_TOKENS = 64
-
-
-def dequantized_bundle(bundle: ModelBundle, outtype: str) -> ModelBundle:
-    """The bundle with every weight rounded as the file stores it: the reference a quantized file must match.
-    Quantization blocks run along rows, so rounding before or after llama's row permutation is the same."""
-    import gguf
-
-    from toolkit.bundle import TensorRef
-
-    if outtype == "f32":
-        return bundle
-    refs = {}
-    for name, ref in bundle.tensors.items():
-        refs[name] = ref
-        if ref.numel == 0 or len(ref.shape) < 2:
-            continue
-        # the router stays F32 as in the file; other matrices get the file's type (or its F16 fallback)
-        qtype = _tensor_type(".ffn_gate_inp." if name.endswith("mlp.gate.weight") else name, ref.shape, outtype)[0]
-        if qtype in (gguf.GGMLQuantizationType.F32, None):
-            continue
-
-        def rounded(t, qtype=qtype):
-            x = t.float().numpy()
-            return torch.from_numpy(gguf.quants.dequantize(gguf.quants.quantize(x, qtype), qtype).astype(np.float32)
-                                    .reshape(x.shape))
-
-        refs[name] = ref.derive(rounded)
-    return ModelBundle(bundle.config, refs, bundle.tokenizer, dict(bundle.provenance))
 
 
 def verify(bundle: ModelBundle, path: Path, outtype: str, threads: int = 1, verbose: bool = False) -> dict:
@@ -67,7 +49,8 @@ def verify(bundle: ModelBundle, path: Path, outtype: str, threads: int = 1, verb
         raise VerificationError(f"llama.cpp tokenizes differently from the Hugging Face tokenizer (first "
                                 f"difference at token {first})", "the tokenizer cannot be represented in GGUF")
     ids = (hf_ids * (VERIFY_TOKENS // len(hf_ids) + 1))[:VERIFY_TOKENS]
-    reference = build_model(dequantized_bundle(bundle, outtype))
+    # the reference runs on the weights as the file stores them (exact for f32)
+    reference = build_model(bundle if outtype == "f32" else bundle_from_gguf(path, bundle))
     with torch.no_grad():
         ref = reference(torch.tensor([ids]))[0].numpy()
     got = runtime.logits(ids)
@@ -86,8 +69,8 @@ def verify(bundle: ModelBundle, path: Path, outtype: str, threads: int = 1, verb
 def export(bundle: ModelBundle, out: Path, outtype: str = "f16", verify_file: bool = True, force: bool = False,
            threads: int = 1, verbose: bool = False,
            progress: Callable[[str, int, int], None] | None = None) -> GGUFReport:
-    if outtype not in OUTTYPES:
-        raise ToolkitError(f"unknown GGUF type '{outtype}'", f"choose one of: {', '.join(OUTTYPES)}")
+    if outtype not in ALL_TYPES:
+        raise ToolkitError(f"unknown GGUF type '{outtype}'", f"choose one of: {', '.join(ALL_TYPES)}")
     out = Path(out)
     if out.suffix != ".gguf":
         raise ToolkitError(f"{out} does not end in .gguf", "name the output FILE.gguf")
@@ -97,7 +80,10 @@ def export(bundle: ModelBundle, out: Path, outtype: str = "f16", verify_file: bo
         check_destination(dest, force)
     with atomic_output(out, force) as partial, atomic_output(manifest, force) as partial_manifest, \
             atomic_output(modelfile, force) as partial_modelfile:
-        report = write_gguf(bundle, partial, outtype, progress)
+        if outtype in KQUANTS:
+            report = _k_quantize(bundle, partial, outtype, threads, progress)
+        else:
+            report = write_gguf(bundle, partial, outtype, progress)
         if verify_file:
             report.verification = verify(bundle, partial, outtype, threads, verbose)
         report.path = str(out)
@@ -105,6 +91,50 @@ def export(bundle: ModelBundle, out: Path, outtype: str = "f16", verify_file: bo
         if warning:
             report.warnings.append(warning)
         write_manifest(report, bundle, partial_manifest)
+    return report
+
+
+def _k_quantize(bundle: ModelBundle, partial: Path, outtype: str, threads: int,
+                progress: Callable[[str, int, int], None] | None) -> GGUFReport:
+    """llama.cpp's quantizer on an f32 file; its per-tensor fallbacks (rows not a multiple of 256) are reported."""
+    import ctypes
+    import tempfile
+    import time
+
+    import llama_cpp
+
+    t0 = time.perf_counter()
+    source = partial.with_name(partial.name + ".f32")
+    try:
+        base = write_gguf(bundle, source, "f32", progress)
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype = getattr(llama_cpp, KQUANTS[outtype])
+        params.nthread = threads
+        # llama.cpp reports fallbacks through its log: on the C-level stderr, or through llama-cpp-python's
+        # Python log callback (sys.stderr); capture both
+        with tempfile.TemporaryFile() as log, contextlib.redirect_stderr(io.StringIO()) as py_log:
+            saved = os.dup(2)
+            os.dup2(log.fileno(), 2)
+            try:
+                rc = llama_cpp.llama_model_quantize(str(source).encode(), str(partial).encode(), ctypes.byref(params))
+            finally:
+                os.dup2(saved, 2)
+                os.close(saved)
+            log.seek(0)
+            lines = (log.read().decode("utf-8", "replace") + py_log.getvalue()).splitlines()
+    finally:
+        source.unlink(missing_ok=True)
+    if rc != 0:
+        raise ToolkitError(f"llama.cpp's quantizer failed ({rc}): {' '.join(lines[-2:])[:300]}",
+                           "rerun with --verbose; try --outtype q8_0")
+    fallbacks = [" ".join(line.replace("warning:", "").split()) for line in lines if "falling back" in line]
+    types = tensor_types(partial)
+    counts: dict[str, int] = {}
+    for name in types.values():
+        counts[name] = counts.get(name, 0) + 1
+    report = GGUFReport(str(partial), base.arch, outtype, partial.stat().st_size, base.n_params, fallbacks,
+                        time.perf_counter() - t0)
+    report.tensor_types = counts
     return report
 
 

@@ -12,6 +12,7 @@ import torch
 
 from toolkit.bundle import ModelBundle
 from toolkit.errors import ToolkitError
+from toolkit.rope_layout import half_to_pairs
 
 ARCHS = {"llama": gguf.MODEL_ARCH.LLAMA, "qwen2": gguf.MODEL_ARCH.QWEN2, "qwen3": gguf.MODEL_ARCH.QWEN3,
          "qwen3moe": gguf.MODEL_ARCH.QWEN3MOE}
@@ -30,6 +31,7 @@ class PlannedTensor:
     shape: tuple[int, ...]  # numpy order
     qtype: gguf.GGMLQuantizationType
     load: Callable[[], np.ndarray]  # float32 data in numpy order
+    sources: tuple[str, ...]  # bundle tensors it holds (several: experts stacked on axis 0)
     fallback: str = ""  # why the requested type could not be used
 
     @property
@@ -46,11 +48,6 @@ class PlannedTensor:
         if self.qtype == gguf.GGMLQuantizationType.F16:
             return x.astype(np.float16)
         return gguf.quants.quantize(x.astype(np.float32), self.qtype)
-
-
-def permute_pairs(w: torch.Tensor, heads: int) -> torch.Tensor:
-    """HF rotate_half rows -> llama.cpp's consecutive-pair rows, per head (weights and biases)."""
-    return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
 def gguf_arch(bundle: ModelBundle) -> str:
@@ -97,23 +94,24 @@ def plan(bundle: ModelBundle, outtype: str) -> Iterator[PlannedTensor]:
         gname = f"{gname}.{suffix}"
         loader = _loader(bundle, name, cfg, permute)
         qtype, why = _tensor_type(gname, ref.shape, outtype)
-        yield PlannedTensor(gname, tuple(ref.shape), qtype, loader, why)
+        yield PlannedTensor(gname, tuple(ref.shape), qtype, loader, (name,), why)
     for (layer, proj), names in sorted(experts.items()):
         names = sorted(names, key=lambda n: int(n.split(".mlp.experts.")[1].split(".")[0]))
         gname = name_map.get_name(f"model.layers.{layer}.mlp.experts.{proj}") + ".weight"
         shape = (len(names), *bundle.tensors[names[0]].shape)
         qtype, why = _tensor_type(gname, shape, outtype)
         yield PlannedTensor(gname, shape, qtype,
-                            lambda names=names: np.stack([bundle.load(n, torch.float32).numpy() for n in names]), why)
+                            lambda names=names: np.stack([bundle.load(n, torch.float32).numpy() for n in names]),
+                            tuple(names), why)
 
 
 def _loader(bundle: ModelBundle, name: str, cfg, permute: bool) -> Callable[[], np.ndarray]:
     def load() -> np.ndarray:
         t = bundle.load(name, torch.float32)
         if permute and ".self_attn.q_proj." in name:
-            t = permute_pairs(t, cfg.num_heads)
+            t = half_to_pairs(t, cfg.num_heads)
         elif permute and ".self_attn.k_proj." in name:
-            t = permute_pairs(t, cfg.num_kv_heads)
+            t = half_to_pairs(t, cfg.num_kv_heads)
         if not torch.isfinite(t).all():
             raise ToolkitError(f"tensor {name} holds NaN or infinite values", "the checkpoint is damaged; "
                                                                            "export an earlier one")

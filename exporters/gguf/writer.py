@@ -26,6 +26,7 @@ class GGUFReport:
     seconds: float = 0.0
     verification: dict[str, Any] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    tensor_types: dict[str, int] = field(default_factory=dict)  # GGML type -> tensor count
 
     @property
     def bits_per_weight(self) -> float:
@@ -81,8 +82,11 @@ def write_gguf(bundle: ModelBundle, path: Path, outtype: str,
             progress(t.name, i + 1, len(tensors))
     w.close()
     fallbacks = [f"{t.name}: {t.fallback} -> {t.qtype.name}" for t in tensors if t.fallback]
+    counts: dict[str, int] = {}
+    for t in tensors:
+        counts[t.qtype.name] = counts.get(t.qtype.name, 0) + 1
     return GGUFReport(str(path), arch, outtype, path.stat().st_size, bundle.num_parameters(), fallbacks,
-                      time.perf_counter() - t0)
+                      time.perf_counter() - t0, tensor_types=counts)
 
 
 def _plain(t) -> bool:
@@ -107,6 +111,7 @@ def write_manifest(report: GGUFReport, bundle: ModelBundle, path: Path) -> None:
             versions[pkg] = None
     manifest = {"format": "gguf", "artifact": Path(report.path).name, "arch": report.arch,
                 "family": bundle.config.family, "outtype": report.outtype, "size_bytes": report.size_bytes,
-                "bits_per_weight": report.bits_per_weight, "fallbacks": report.fallbacks,
+                "bits_per_weight": report.bits_per_weight, "tensor_types": report.tensor_types,
+                "fallbacks": report.fallbacks, "warnings": report.warnings,
                 "source": bundle.provenance, "versions": versions, "verification": report.verification}
     path.write_text(json.dumps(manifest, indent=2, default=str) + "\n")

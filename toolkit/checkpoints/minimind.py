@@ -22,6 +22,7 @@ from toolkit.bundle import ModelBundle, TensorRef
 from toolkit.checkpoints import Loader, register
 from toolkit.checkpoints.sources import load_torch_state, refs_from_state
 from toolkit.errors import ToolkitError
+from toolkit.rope_layout import pairs_to_half
 from toolkit.tokenizer import Tokenizer
 
 ERA_DEFAULTS = {  # from MiniMind's config classes of each era
@@ -106,7 +107,12 @@ def _config_file(file: str | None) -> dict[str, Any]:
         raw = json.loads(Path(file).read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise ToolkitError(f"cannot read --config {file}: {e}", "pass a JSON file with the model's config") from None
+    if not isinstance(raw, dict):
+        raise ToolkitError(f"--config {file} is not a JSON object", "pass a JSON object of config keys")
     out = {CONFIG_ALIASES[k]: v for k, v in raw.items() if k in CONFIG_ALIASES and v is not None}
+    for key, value in out.items():
+        if key != "norm_topk_prob" and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise ToolkitError(f"--config {file}: {key} must be a number, got {value!r}", "fix the value")
     if "rope_theta" not in out and isinstance(raw.get("rope_parameters"), dict):
         out["rope_theta"] = raw["rope_parameters"].get("rope_theta", 1e6)
     if raw.get("inference_rope_scaling") or raw.get("rope_scaling"):
@@ -117,6 +123,11 @@ def _config_file(file: str | None) -> dict[str, Any]:
 
 def _infer(state: dict[str, torch.Tensor], era: str, opts: dict[str, Any],
            path: Path) -> tuple[ArchConfig, dict[str, TensorRef]]:
+    needed = ["model.layers.0.self_attn.q_proj.weight", "model.layers.0.self_attn.k_proj.weight"]
+    missing = [k for k in needed if k not in state]
+    if missing:
+        raise ToolkitError(f"{path.name} lacks {missing[0]}: not a complete MiniMind checkpoint",
+                           "pass the .pth saved by MiniMind's trainer")
     embed = state["model.embed_tokens.weight"]
     vocab, hidden = embed.shape
     layers = 1 + max(int(m.group(1)) for k in state if (m := re.match(r"model\.layers\.(\d+)\.", k)))
@@ -154,7 +165,7 @@ def _infer(state: dict[str, torch.Tensor], era: str, opts: dict[str, Any],
         for i in range(layers):
             for name, heads in (("q_proj", num_heads), ("k_proj", num_kv)):
                 key = f"model.layers.{i}.self_attn.{name}.weight"
-                state[key] = _interleaved_to_half(state[key], heads, head_dim)
+                state[key] = pairs_to_half(state[key], heads)
     if not moe:
         cfg.intermediate_size = state["model.layers.0.mlp.gate_proj.weight"].shape[0]
     else:
@@ -177,11 +188,6 @@ def _infer(state: dict[str, torch.Tensor], era: str, opts: dict[str, Any],
     if not cfg.tie_word_embeddings:
         state["lm_head.weight"] = head
     return cfg, refs_from_state(state)
-
-
-def _interleaved_to_half(w: torch.Tensor, heads: int, head_dim: int) -> torch.Tensor:
-    """Rows (pair0.a, pair0.b, pair1.a, ...) per head -> (pair0.a, pair1.a, ..., pair0.b, pair1.b, ...)."""
-    return w.view(heads, head_dim // 2, 2, w.shape[1]).transpose(1, 2).reshape(heads * head_dim, w.shape[1])
 
 
 def _merge_shared_experts(state: dict[str, torch.Tensor], layers: int) -> dict[str, torch.Tensor]:

@@ -51,9 +51,10 @@ def load_torch_state(file: Path) -> dict[str, torch.Tensor]:
         raise ToolkitError(f"refusing {file.name}: its pickle needs code to load ({first[:160]})",
                            "only plain state dicts are read (weights_only=True); re-save the weights with "
                            "torch.save(model.state_dict(), path) or as safetensors") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise ToolkitError(f"cannot read {file}: {str(e).splitlines()[0][:200]}",
-                           "the file is truncated or not a PyTorch checkpoint") from None
+    except Exception as e:  # torch raises many kinds (RuntimeError, EOFError, KeyError...) on damaged files
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise ToolkitError(f"cannot read {file}: {reason}", "the file is truncated or not a PyTorch checkpoint") \
+            from None
     if isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):
         obj = obj["model"]  # MiniMind resume files and trainer checkpoints: {'model': state_dict, 'optimizer': ...}
     if not isinstance(obj, dict) or not obj:
