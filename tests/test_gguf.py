@@ -189,3 +189,15 @@ def test_sigkill_mid_export_leaves_nothing_at_destination(tmp_path):
     proc.wait(timeout=30)
     assert not dest.exists() and not (tmp_path / "m-q8_0.manifest.json").exists()
     assert not (tmp_path / "m-q8_0.Modelfile").exists()
+
+
+def test_tokenizer_without_merges_is_refused(tmp_path):
+    from toolkit.checkpoints.hf_writer import save_hf
+
+    save_hf(random_bundle("llama", seed=2, max_position_embeddings=2048), tmp_path / "m")
+    spec = json.loads((tmp_path / "m" / "tokenizer.json").read_text())
+    spec["model"]["merges"] = []
+    (tmp_path / "m" / "tokenizer.json").write_text(json.dumps(spec))
+    dest = tmp_path / "m.gguf"
+    assert "merges" in assert_usage_error(run_cli("export", "gguf", tmp_path / "m", "-o", dest), dest)
+    assert not (tmp_path / "m.manifest.json").exists() and not (tmp_path / "m.Modelfile").exists()

@@ -30,7 +30,7 @@ class PlannedTensor:
     name: str  # GGUF name
     shape: tuple[int, ...]  # numpy order
     qtype: gguf.GGMLQuantizationType
-    load: Callable[[], np.ndarray]  # float32 data in numpy order
+    load: Callable[[], torch.Tensor]  # data in numpy order, in the source's dtype
     sources: tuple[str, ...]  # bundle tensors it holds (several: experts stacked on axis 0)
     fallback: str = ""  # why the requested type could not be used
 
@@ -43,11 +43,12 @@ class PlannedTensor:
 
     def data(self) -> np.ndarray:
         x = self.load()
-        if self.qtype == gguf.GGMLQuantizationType.F32:
-            return x.astype(np.float32)
         if self.qtype == gguf.GGMLQuantizationType.F16:
-            return x.astype(np.float16)
-        return gguf.quants.quantize(x.astype(np.float32), self.qtype)
+            return x.to(torch.float16).numpy()  # straight from bf16/f32 in torch: no float32 round trip
+        x = x.to(torch.float32).numpy()
+        if self.qtype == gguf.GGMLQuantizationType.F32:
+            return x
+        return gguf.quants.quantize(x, self.qtype)
 
 
 def gguf_arch(bundle: ModelBundle) -> str:
@@ -100,21 +101,28 @@ def plan(bundle: ModelBundle, outtype: str) -> Iterator[PlannedTensor]:
         gname = name_map.get_name(f"model.layers.{layer}.mlp.experts.{proj}") + ".weight"
         shape = (len(names), *bundle.tensors[names[0]].shape)
         qtype, why = _tensor_type(gname, shape, outtype)
-        yield PlannedTensor(gname, shape, qtype,
-                            lambda names=names: np.stack([bundle.load(n, torch.float32).numpy() for n in names]),
+        yield PlannedTensor(gname, shape, qtype, lambda names=names: torch.stack([_checked(bundle, n) for n in names]),
                             tuple(names), why)
 
 
-def _loader(bundle: ModelBundle, name: str, cfg, permute: bool) -> Callable[[], np.ndarray]:
-    def load() -> np.ndarray:
-        t = bundle.load(name, torch.float32)
+def _checked(bundle: ModelBundle, name: str) -> torch.Tensor:
+    t = bundle.load(name)
+    if t.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        t = t.float()
+    # a vectorised sum is finite when every element is (NaN/inf propagate); only then is the exact check skipped
+    if not torch.isfinite(t.sum(dtype=torch.float64)) and not torch.isfinite(t).all():
+        raise ToolkitError(f"tensor {name} holds NaN or infinite values", "the checkpoint is damaged; "
+                                                                       "export an earlier one")
+    return t
+
+
+def _loader(bundle: ModelBundle, name: str, cfg, permute: bool) -> Callable[[], torch.Tensor]:
+    def load() -> torch.Tensor:
+        t = _checked(bundle, name)
         if permute and ".self_attn.q_proj." in name:
             t = half_to_pairs(t, cfg.num_heads)
         elif permute and ".self_attn.k_proj." in name:
             t = half_to_pairs(t, cfg.num_kv_heads)
-        if not torch.isfinite(t).all():
-            raise ToolkitError(f"tensor {name} holds NaN or infinite values", "the checkpoint is damaged; "
-                                                                           "export an earlier one")
-        return t.numpy()
+        return t.contiguous()
 
     return load

@@ -1,6 +1,7 @@
 """Lazy tensor sources: safetensors files and torch pickles read with weights_only=True."""
 from __future__ import annotations
 
+import json
 import pickle
 from pathlib import Path
 
@@ -15,26 +16,50 @@ _ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, 
 
 
 def safetensors_refs(file: Path) -> dict[str, TensorRef]:
-    """Header-only open: shapes and dtypes now, data on load()."""
-    from safetensors import safe_open
-
+    """Header now, data on load() by positioned reads into fresh buffers. Not mmap: pages of a mapped file that
+    were read stay resident, so converting a model that way grows the process by the whole file."""
+    size = file.stat().st_size
     try:
-        handle = safe_open(str(file), framework="pt")
-        names = list(handle.keys())
-        refs = {}
-        for name in names:
-            sl = handle.get_slice(name)
-            dtype = _ST_DTYPES.get(sl.get_dtype())
-            if dtype is None:
-                raise ToolkitError(f"{file.name}: tensor {name} has unsupported dtype {sl.get_dtype()}",
-                                   "convert the checkpoint to fp32/fp16/bf16")
-            refs[name] = TensorRef(name, tuple(sl.get_shape()), dtype, (lambda n=name: handle.get_tensor(n)))
-        return refs
-    except ToolkitError:
-        raise
-    except Exception as e:  # safetensors raises SafetensorError for truncated or malformed files
+        with open(file, "rb") as f:
+            head = f.read(8)
+            n = int.from_bytes(head, "little") if len(head) == 8 else -1
+            if not 0 < n <= min(size - 8, 100 * 1024 * 1024):
+                raise ValueError("header length is out of range")
+            header = json.loads(f.read(n))
+    except (OSError, ValueError) as e:
         raise ToolkitError(f"cannot read {file}: {e}", "the file is truncated or not a safetensors file; "
                                                       "download or export it again") from None
+    base = 8 + n
+    refs = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        dtype = _ST_DTYPES.get(info.get("dtype"))
+        if dtype is None:
+            raise ToolkitError(f"{file.name}: tensor {name} has unsupported dtype {info.get('dtype')}",
+                               "convert the checkpoint to fp32/fp16/bf16")
+        shape = tuple(int(d) for d in info["shape"])
+        start, end = (int(x) for x in info["data_offsets"])
+        numel = 1
+        for d in shape:
+            numel *= d
+        if end - start != numel * dtype.itemsize or base + end > size:
+            raise ToolkitError(f"cannot read {file}: tensor {name} lies beyond the end of the file or has the "
+                               "wrong byte length", "the file is truncated; download or export it again")
+        refs[name] = TensorRef(name, shape, dtype, (lambda o=base + start, nb=end - start, dt=dtype, sh=shape:
+                                                    _read(file, o, nb, dt, sh)))
+    return refs
+
+
+def _read(file: Path, offset: int, nbytes: int, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+    buf = bytearray(nbytes)
+    with open(file, "rb") as f:
+        f.seek(offset)
+        if f.readinto(buf) != nbytes:
+            raise ToolkitError(f"{file} ended early", "the file is truncated; download or export it again")
+    if nbytes == 0:
+        return torch.empty(shape, dtype=dtype)
+    return torch.frombuffer(buf, dtype=dtype).reshape(shape)
 
 
 def load_torch_state(file: Path) -> dict[str, torch.Tensor]:
