@@ -31,6 +31,22 @@ class Generation:
         return self.prompt_tokens / self.prefill_seconds if self.prefill_seconds > 0 else float("nan")
 
 
+def decode_loop(first: int, step: Callable[[int], np.ndarray], sampler: Callable[[np.ndarray], int],
+                max_new_tokens: int, stop_ids, on_token: Callable[[int], None] | None) -> tuple[list[int], str]:
+    """The shared token loop: emit `first`, then feed each token through `step` (-> next logits) until a stop
+    token or the budget. Returns (new tokens, "stop" | "length")."""
+    out, nxt = [], first
+    while True:
+        out.append(nxt)
+        if on_token:
+            on_token(nxt)
+        if nxt in stop_ids:
+            return out, "stop"
+        if len(out) >= max_new_tokens:
+            return out, "length"
+        nxt = sampler(step(nxt))
+
+
 class Runtime(Protocol):
     name: str
 

@@ -10,7 +10,7 @@ from typing import Callable
 
 import numpy as np
 
-from runtimes import Generation, RuntimeSpec, register
+from runtimes import Generation, RuntimeSpec, decode_loop, register
 from toolkit.errors import ToolkitError
 
 
@@ -84,18 +84,12 @@ class LlamaCppRuntime:
         self.llm.eval(token_ids)
         nxt = sampler(np.asarray(self.llm.scores[len(token_ids) - 1]))
         t1 = time.perf_counter()
-        out, stopped = [], "length"
-        while True:
-            out.append(nxt)
-            if on_token:
-                on_token(nxt)
-            if nxt in stop_ids:
-                stopped = "stop"
-                break
-            if len(out) >= max_new_tokens:
-                break
-            self.llm.eval([nxt])
-            nxt = sampler(np.asarray(self.llm.scores[self.llm.n_tokens - 1]))
+
+        def step(token: int) -> np.ndarray:
+            self.llm.eval([token])
+            return np.asarray(self.llm.scores[self.llm.n_tokens - 1])
+
+        out, stopped = decode_loop(nxt, step, sampler, max_new_tokens, stop_ids, on_token)
         return Generation(out, t1 - t0, time.perf_counter() - t1, len(token_ids), stopped)
 
 

@@ -8,7 +8,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from runtimes import Generation, RuntimeSpec, register
+from runtimes import Generation, RuntimeSpec, decode_loop, register
 from toolkit.bundle import ModelBundle
 from toolkit.model import KVCache, build_model
 
@@ -43,18 +43,11 @@ class TorchRuntime:
         nxt = sampler(logits[0, -1].float().cpu().numpy())
         sync()
         t1 = time.perf_counter()
-        out, stopped = [], "length"
-        while True:
-            out.append(nxt)
-            if on_token:
-                on_token(nxt)
-            if nxt in stop_ids:
-                stopped = "stop"
-                break
-            if len(out) >= max_new_tokens:
-                break
-            logits = self.model(torch.tensor([[nxt]], device=self.device), cache=cache)
-            nxt = sampler(logits[0, -1].float().cpu().numpy())
+
+        def step(token: int) -> np.ndarray:
+            return self.model(torch.tensor([[token]], device=self.device), cache=cache)[0, -1].float().cpu().numpy()
+
+        out, stopped = decode_loop(nxt, step, sampler, max_new_tokens, stop_ids, on_token)
         sync()
         return Generation(out, t1 - t0, time.perf_counter() - t1, len(token_ids), stopped)
 
