@@ -34,9 +34,11 @@ def _max_diff(bundle, path, ids):
     return float(np.abs(got - ref).max()), float((got.argmax(-1) == ref.argmax(-1)).mean()), float(np.abs(ref).max())
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "qwen3_moe"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "qwen3_moe", "qwen2_moe"])
 def test_f32_and_f16_match_reference(family, tmp_path):
-    bundle = random_bundle(family, seed=4, tie_word_embeddings=family != "qwen2", max_position_embeddings=2048)
+    extra = {"norm_topk_prob": False} if family == "qwen2_moe" else {}  # Qwen1.5-MoE's routing, llama.cpp's too
+    bundle = random_bundle(family, seed=4, tie_word_embeddings=family != "qwen2", max_position_embeddings=2048,
+                           **extra)
     ids = _ids(bundle)
     export(bundle, tmp_path / "m-f32.gguf", "f32", verify_file=False)
     diff, agree, scale = _max_diff(bundle, tmp_path / "m-f32.gguf", ids)
@@ -50,7 +52,8 @@ def test_f32_and_f16_match_reference(family, tmp_path):
     assert diff16 <= 5e-3 * scale16 and agree16 >= 0.97, (diff16, scale16)  # 0.5% of the logit range
     reader = gguf.GGUFReader(tmp_path / "m-f32.gguf")
     names = {t.name for t in reader.tensors}
-    assert ("output.weight" in names) == (not bundle.config.tie_word_embeddings)
+    tied_fallback = bundle.config.fam.gguf_arch != "qwen2moe"  # qwen2moe needs output.weight even when tied
+    assert ("output.weight" in names) == (not bundle.config.tie_word_embeddings or not tied_fallback)
     arch = bytes(reader.fields["general.architecture"].parts[-1]).decode()
     assert arch == bundle.config.fam.gguf_arch
     assert float(reader.fields[f"{arch}.rope.freq_base"].parts[-1][0]) == bundle.config.rope_theta
@@ -142,9 +145,12 @@ def test_export_cli_and_bad_inputs(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("")
     assert_usage_error(run_cli("export", "gguf", tmp_path / "m", "-o", blocker / "m.gguf"))
-    save_hf(random_bundle("qwen2_moe", seed=2), tmp_path / "moe")
+    save_hf(random_bundle("qwen2_moe", seed=2, norm_topk_prob=True), tmp_path / "moe")
     dest = tmp_path / "moe.gguf"
-    assert "llama.cpp" in assert_usage_error(run_cli("export", "gguf", tmp_path / "moe", "-o", dest), dest)
+    assert "renormalises" in assert_usage_error(run_cli("export", "gguf", tmp_path / "moe", "-o", dest), dest)
+    save_hf(random_bundle("minimind2_moe", seed=2), tmp_path / "mm2")
+    dest = tmp_path / "mm2.gguf"  # read back as the Qwen2-MoE it is saved as: renormalised top-k, refused
+    assert "renormalises" in assert_usage_error(run_cli("export", "gguf", tmp_path / "mm2", "-o", dest), dest)
 
 
 def test_non_finite_weights_are_refused(tmp_path):

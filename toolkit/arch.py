@@ -41,7 +41,9 @@ FAMILIES: dict[str, Family] = {
                "qwen3_moe", False, True, True, gguf_arch="qwen3moe"),
         Family("qwen2_moe", "Qwen2-MoE (softmax top-k + sigmoid-gated shared expert)", "Qwen2MoeForCausalLM",
                "qwen2_moe", True, False, True, shared_expert=True, shared_expert_gated=True, gguf_arch="qwen2moe"),
-        # MiniMind2-MoE: top-k renormalised + one un-gated shared expert. Saved as Qwen2-MoE (see hf_writer): zero
+        # MiniMind2-MoE: top-k renormalised + one un-gated shared expert. No GGUF arch yet: llama.cpp's qwen2moe
+        # never renormalises, and its exact Qwen2-MoE form (zero shared gate) gives NaN in llama.cpp (measured).
+        # Saved as Qwen2-MoE for transformers (see hf_writer): zero
         # q/k/v biases, a zero shared-expert gate (sigmoid(0) = 0.5) and the shared down projection doubled, all
         # exact in floating point.
         Family("minimind2_moe", "MiniMind2 MoE (top-k renormalised + un-gated shared expert)",

@@ -24,6 +24,8 @@ def bundle_from_gguf(path: Path, bundle: ModelBundle) -> ModelBundle:
     cfg = bundle.config
     refs: dict[str, TensorRef] = {}
     for planned in plan(bundle, "f32"):
+        if planned.name == "output.weight" and cfg.tie_word_embeddings:
+            continue  # a tied head written out for an arch without fallback: the same weights as token_embd
         t = stored.get(planned.name)
         if t is None:
             raise ToolkitError(f"{path.name} lacks tensor {planned.name}", "the file is incomplete")

@@ -15,7 +15,11 @@ from toolkit.errors import ToolkitError
 from toolkit.rope_layout import half_to_pairs
 
 ARCHS = {"llama": gguf.MODEL_ARCH.LLAMA, "qwen2": gguf.MODEL_ARCH.QWEN2, "qwen3": gguf.MODEL_ARCH.QWEN3,
-         "qwen3moe": gguf.MODEL_ARCH.QWEN3MOE}
+         "qwen3moe": gguf.MODEL_ARCH.QWEN3MOE, "qwen2moe": gguf.MODEL_ARCH.QWEN2MOE}
+# archs whose loader falls back to token_embd when output.weight is absent (tied embeddings); others need it written
+TIED_FALLBACK = {"llama", "qwen2", "qwen3", "qwen3moe"}
+# llama.cpp's MoE archs fix whether the top-k expert weights are renormalised (build_moe_ffn's norm_w)
+RENORMALISES = {"qwen3moe": True, "qwen2moe": False}
 
 OUTTYPES = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
             "bf16": gguf.GGMLQuantizationType.BF16, "q8_0": gguf.GGMLQuantizationType.Q8_0,
@@ -52,7 +56,13 @@ class PlannedTensor:
 
 
 def gguf_arch(bundle: ModelBundle) -> str:
-    arch = bundle.config.fam.gguf_arch
+    cfg = bundle.config
+    arch = cfg.fam.gguf_arch
+    if arch in RENORMALISES and RENORMALISES[arch] != cfg.norm_topk_prob:
+        raise ToolkitError(f"llama.cpp's {arch} {'always' if RENORMALISES[arch] else 'never'} renormalises the "
+                           f"top-k expert weights; this {cfg.family} model "
+                           f"{'does not' if RENORMALISES[arch] else 'does'}, so no GGUF computes it exactly",
+                           "this model cannot be exported to GGUF without changing its numbers")
     if arch not in ARCHS:
         raise ToolkitError(f"no llama.cpp architecture computes {bundle.config.family} exactly in this version",
                            f"GGUF export supports: {', '.join(f for f, fam in _families() if fam in ARCHS)}")
@@ -96,6 +106,11 @@ def plan(bundle: ModelBundle, outtype: str) -> Iterator[PlannedTensor]:
         loader = _loader(bundle, name, cfg, permute)
         qtype, why = _tensor_type(gname, ref.shape, outtype)
         yield PlannedTensor(gname, tuple(ref.shape), qtype, loader, (name,), why)
+    if cfg.tie_word_embeddings and arch not in TIED_FALLBACK:
+        embed = "model.embed_tokens.weight"
+        qtype, why = _tensor_type("output.weight", bundle.tensors[embed].shape, outtype)
+        yield PlannedTensor("output.weight", tuple(bundle.tensors[embed].shape), qtype,
+                            _loader(bundle, embed, cfg, False), (embed,), why)
     for (layer, proj), names in sorted(experts.items()):
         names = sorted(names, key=lambda n: int(n.split(".mlp.experts.")[1].split(".")[0]))
         gname = name_map.get_name(f"model.layers.{layer}.mlp.experts.{proj}") + ".weight"

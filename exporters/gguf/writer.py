@@ -54,9 +54,8 @@ def _metadata(w: gguf.GGUFWriter, bundle: ModelBundle, arch: str, outtype: str) 
         w.add_expert_count(cfg.num_experts)
         w.add_expert_used_count(cfg.num_experts_per_tok)
         w.add_expert_feed_forward_length(cfg.moe_intermediate_size)
-        if not cfg.norm_topk_prob:
-            raise ToolkitError(f"llama.cpp's {arch} renormalises the top-k expert weights; this model does not",
-                               "GGUF cannot compute it exactly")
+        if cfg.fam.shared_expert:
+            w.add_expert_shared_feed_forward_length(cfg.shared_expert_intermediate_size)
     add_vocab(w, bundle.tokenizer, cfg.vocab_size)
 
 
