@@ -67,9 +67,6 @@ class LlamaCppRuntime:
     def metadata(self, key: str) -> str | None:
         return self.llm.metadata.get(key)
 
-    def token_text(self, token_id: int | None) -> str | None:
-        return None if token_id is None else self.detokenize([token_id]) or None
-
     def end_of_turn_ids(self) -> list[int]:
         ids = [self.llm.token_eos()]
         eot = self.metadata("tokenizer.ggml.eot_token_id")

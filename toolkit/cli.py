@@ -204,17 +204,18 @@ def generate(
 
         if not torch.cuda.is_available():
             raise ToolkitError("--device cuda but no CUDA device is visible", "use --device cpu")
-    if runtime is not None and runtime in RUNTIMES and not RUNTIMES[runtime].handles(model):
+    is_gguf = str(model).endswith(".gguf")
+    name = runtime or ("llama_cpp" if is_gguf else "torch")
+    if name not in RUNTIMES:
+        raise ToolkitError(f"unknown runtime '{name}'", f"available: {', '.join(RUNTIMES)}")
+    if runtime is not None and not RUNTIMES[runtime].handles(model):
         raise ToolkitError(f"runtime '{runtime}' cannot open {model}",
                            "export the checkpoint for that runtime first (toolkit export ...)")
     sampler = make_sampler(temperature, top_k, top_p, seed)
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-    if str(model).endswith(".gguf"):  # an exported file runs in its own engine, with its own tokenizer
+    if is_gguf:  # an exported file runs in its own engine, with its own tokenizer
         from toolkit.tokenizer import render_chat_template
 
-        name = runtime or "llama_cpp"
-        if name not in RUNTIMES:
-            raise ToolkitError(f"unknown runtime '{name}'", f"available: {', '.join(RUNTIMES)}")
         if not Path(model).is_file():
             raise ToolkitError(f"{model} does not exist", "check the path")
         rt = RUNTIMES[name].load(model, threads=threads, device=device, verbose=Flags.verbose)
@@ -226,9 +227,6 @@ def generate(
         detokenize = rt.detokenize
     else:
         bundle = _load(model, arch, tokenizer, config, num_heads, experts_per_tok)
-        name = runtime or "torch"
-        if name not in RUNTIMES:
-            raise ToolkitError(f"unknown runtime '{name}'", f"available: {', '.join(RUNTIMES)}")
         rt = RUNTIMES[name].load(bundle, threads=threads, device=device)
         tok = bundle.tokenizer
         if chat:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+from collections import Counter
 import os
 from pathlib import Path
 from typing import Callable
@@ -128,14 +129,8 @@ def _k_quantize(bundle: ModelBundle, partial: Path, outtype: str, threads: int,
         raise ToolkitError(f"llama.cpp's quantizer failed ({rc}): {' '.join(lines[-2:])[:300]}",
                            "rerun with --verbose; try --outtype q8_0")
     fallbacks = [" ".join(line.replace("warning:", "").split()) for line in lines if "falling back" in line]
-    types = tensor_types(partial)
-    counts: dict[str, int] = {}
-    for name in types.values():
-        counts[name] = counts.get(name, 0) + 1
-    report = GGUFReport(str(partial), base.arch, outtype, partial.stat().st_size, base.n_params, fallbacks,
-                        time.perf_counter() - t0)
-    report.tensor_types = counts
-    return report
+    return GGUFReport(str(partial), base.arch, outtype, partial.stat().st_size, base.n_params, fallbacks,
+                      time.perf_counter() - t0, tensor_types=dict(Counter(tensor_types(partial).values())))
 
 
 register(ExporterSpec("gguf", "GGUF for llama.cpp and Ollama", export))

@@ -95,9 +95,7 @@ def parse(text: str) -> list[Instruction]:
             if rest.strip():
                 raise ToolkitError(f"(line {lineno}): text after the closing \"\"\"", "put it on its own line")
             args = value
-        elif command in ("parameter", "message"):
-            args = args  # name and value split below
-        elif args.startswith('"'):
+        elif args.startswith('"') and command not in ("parameter", "message"):  # those split name/value later
             if len(args) < 2 or not args.endswith('"'):
                 raise ToolkitError(f"(line {lineno}): unexpected EOF", "close the quoted value")
             args = args[1:-1]

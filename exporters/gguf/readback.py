@@ -8,7 +8,7 @@ import gguf
 import numpy as np
 import torch
 
-from exporters.gguf.tensors import plan
+from exporters.gguf.tensors import pair_permuted_heads, plan
 from toolkit.bundle import ModelBundle, TensorRef
 from toolkit.errors import ToolkitError
 from toolkit.rope_layout import pairs_to_half
@@ -36,9 +36,8 @@ def bundle_from_gguf(path: Path, bundle: ModelBundle) -> ModelBundle:
             parts = {planned.sources[0]: data}
         for name, array in parts.items():
             tensor = torch.from_numpy(np.ascontiguousarray(array))
-            if cfg.fam.gguf_permute_qk and ".self_attn.q_proj." in name:
-                tensor = pairs_to_half(tensor, cfg.num_heads)
-            elif cfg.fam.gguf_permute_qk and ".self_attn.k_proj." in name:
-                tensor = pairs_to_half(tensor, cfg.num_kv_heads)
+            heads = pair_permuted_heads(name, cfg)
+            if heads:
+                tensor = pairs_to_half(tensor, heads)
             refs[name] = TensorRef(name, tuple(tensor.shape), torch.float32, (lambda x=tensor: x))
     return ModelBundle(cfg, refs, bundle.tokenizer, dict(bundle.provenance))

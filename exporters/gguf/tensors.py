@@ -91,7 +91,6 @@ def plan(bundle: ModelBundle, outtype: str) -> Iterator[PlannedTensor]:
     cfg = bundle.config
     arch = gguf_arch(bundle)
     name_map = gguf.get_tensor_name_map(ARCHS[arch], cfg.num_layers)
-    permute = cfg.fam.gguf_permute_qk
     experts: dict[tuple[int, str], list[str]] = {}
     for name, ref in bundle.tensors.items():
         m = re.match(r"model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(\w+)\.weight$", name)
@@ -103,14 +102,14 @@ def plan(bundle: ModelBundle, outtype: str) -> Iterator[PlannedTensor]:
         if gname is None:
             raise ToolkitError(f"no GGUF name for tensor {name}", "this tensor's architecture is not supported")
         gname = f"{gname}.{suffix}"
-        loader = _loader(bundle, name, cfg, permute)
+        loader = _loader(bundle, name, cfg)
         qtype, why = _tensor_type(gname, ref.shape, outtype)
         yield PlannedTensor(gname, tuple(ref.shape), qtype, loader, (name,), why)
     if cfg.tie_word_embeddings and arch not in TIED_FALLBACK:
         embed = "model.embed_tokens.weight"
         qtype, why = _tensor_type("output.weight", bundle.tensors[embed].shape, outtype)
         yield PlannedTensor("output.weight", tuple(bundle.tensors[embed].shape), qtype,
-                            _loader(bundle, embed, cfg, False), (embed,), why)
+                            _loader(bundle, embed, cfg), (embed,), why)
     for (layer, proj), names in sorted(experts.items()):
         names = sorted(names, key=lambda n: int(n.split(".mlp.experts.")[1].split(".")[0]))
         gname = name_map.get_name(f"model.layers.{layer}.mlp.experts.{proj}") + ".weight"
@@ -131,13 +130,23 @@ def _checked(bundle: ModelBundle, name: str) -> torch.Tensor:
     return t
 
 
-def _loader(bundle: ModelBundle, name: str, cfg, permute: bool) -> Callable[[], torch.Tensor]:
+def pair_permuted_heads(name: str, cfg) -> int | None:
+    """Head count of a q/k tensor whose rows llama.cpp's arch wants in consecutive pairs; None for the others."""
+    if not cfg.fam.gguf_permute_qk:
+        return None
+    if ".self_attn.q_proj." in name:
+        return cfg.num_heads
+    if ".self_attn.k_proj." in name:
+        return cfg.num_kv_heads
+    return None
+
+
+def _loader(bundle: ModelBundle, name: str, cfg) -> Callable[[], torch.Tensor]:
     def load() -> torch.Tensor:
         t = _checked(bundle, name)
-        if permute and ".self_attn.q_proj." in name:
-            t = half_to_pairs(t, cfg.num_heads)
-        elif permute and ".self_attn.k_proj." in name:
-            t = half_to_pairs(t, cfg.num_kv_heads)
+        heads = pair_permuted_heads(name, cfg)
+        if heads:
+            t = half_to_pairs(t, heads)
         return t.contiguous()
 
     return load

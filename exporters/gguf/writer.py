@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -81,11 +82,8 @@ def write_gguf(bundle: ModelBundle, path: Path, outtype: str,
             progress(t.name, i + 1, len(tensors))
     w.close()
     fallbacks = [f"{t.name}: {t.fallback} -> {t.qtype.name}" for t in tensors if t.fallback]
-    counts: dict[str, int] = {}
-    for t in tensors:
-        counts[t.qtype.name] = counts.get(t.qtype.name, 0) + 1
     return GGUFReport(str(path), arch, outtype, path.stat().st_size, bundle.num_parameters(), fallbacks,
-                      time.perf_counter() - t0, tensor_types=counts)
+                      time.perf_counter() - t0, tensor_types=dict(Counter(t.qtype.name for t in tensors)))
 
 
 def _plain(t) -> bool:
