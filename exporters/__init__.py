@@ -25,3 +25,8 @@ def register(spec: ExporterSpec) -> ExporterSpec:
 
 
 from exporters import gguf  # noqa: E402,F401  (registration)
+
+try:  # registers only where onnx/onnxruntime are installed
+    from exporters import onnx  # noqa: E402,F401
+except ImportError:  # pragma: no cover
+    pass

@@ -7,7 +7,10 @@ self-checks see engines only through this interface:
 """
 from __future__ import annotations
 
+import importlib
+import importlib.util
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Protocol
 
 import numpy as np
@@ -60,21 +63,34 @@ class Runtime(Protocol):
 class RuntimeSpec:
     name: str
     description: str
-    load: Callable[..., Runtime]
+    module: str  # imported on first use: a process that runs one engine does not pay for the others (RSS, time)
+    engine: str | None = None  # the package the engine needs; absent -> the runtime is not offered
     handles: Callable[[Any], bool] = field(default=lambda artifact: False)  # can it open this artifact path?
 
-
-RUNTIMES: dict[str, RuntimeSpec] = {}
-
-
-def register(spec: RuntimeSpec) -> RuntimeSpec:
-    RUNTIMES[spec.name] = spec
-    return spec
+    def load(self, *args, **kwargs) -> Runtime:
+        return importlib.import_module(self.module).load(*args, **kwargs)
 
 
-from runtimes import torch_runtime  # noqa: E402,F401  (registration)
+def _is_checkpoint(artifact) -> bool:
+    from toolkit.checkpoints import LOADERS
 
-try:  # optional engines register only where their package is installed
-    from runtimes import llama_cpp  # noqa: E402,F401
-except ImportError:  # pragma: no cover
-    pass
+    return any(loader.detect(Path(artifact)) for loader in LOADERS.values())
+
+
+def _is_onnx(artifact) -> bool:
+    p = Path(artifact)
+    return p.suffix == ".onnx" or (p.is_dir() and (p / "model.onnx").is_file())
+
+
+RUNTIMES: dict[str, RuntimeSpec] = {
+    spec.name: spec
+    for spec in (
+        RuntimeSpec("torch", "reference PyTorch model (checkpoints)", "runtimes.torch_runtime", "torch",
+                    _is_checkpoint),
+        RuntimeSpec("llama_cpp", "llama.cpp via llama-cpp-python (GGUF files)", "runtimes.llama_cpp", "llama_cpp",
+                    lambda artifact: str(artifact).endswith(".gguf")),
+        RuntimeSpec("onnxruntime", "ONNX Runtime (toolkit export onnx folders)", "runtimes.onnxruntime",
+                    "onnxruntime", _is_onnx),
+    )
+    if spec.engine is None or importlib.util.find_spec(spec.engine) is not None
+}

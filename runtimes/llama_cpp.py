@@ -10,7 +10,7 @@ from typing import Callable
 
 import numpy as np
 
-from runtimes import Generation, RuntimeSpec, decode_loop, register
+from runtimes import Generation, decode_loop
 from toolkit.errors import ToolkitError
 
 
@@ -92,7 +92,3 @@ class LlamaCppRuntime:
 
 def load(artifact, threads: int | None = 1, device: str = "cpu", ctx: int = 2048, verbose: bool = False, **_):
     return LlamaCppRuntime(artifact, threads or 1, ctx, verbose=verbose)
-
-
-register(RuntimeSpec("llama_cpp", "llama.cpp via llama-cpp-python (GGUF files)", load,
-                     lambda artifact: str(artifact).endswith(".gguf")))

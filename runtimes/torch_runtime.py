@@ -8,7 +8,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from runtimes import Generation, RuntimeSpec, decode_loop, register
+from runtimes import Generation, decode_loop
 from toolkit.bundle import ModelBundle
 from toolkit.model import KVCache, build_model
 
@@ -57,13 +57,3 @@ def load(artifact, threads: int | None = None, device: str = "cpu", dtype: str =
 
     bundle = artifact if isinstance(artifact, ModelBundle) else load_checkpoint(artifact, **overrides)
     return TorchRuntime(bundle, threads, device, dtype)
-
-
-def _handles(artifact) -> bool:
-    from toolkit.checkpoints import LOADERS
-
-    p = Path(artifact)
-    return any(loader.detect(p) for loader in LOADERS.values())
-
-
-register(RuntimeSpec("torch", "reference PyTorch model (checkpoints)", load, _handles))

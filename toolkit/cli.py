@@ -205,7 +205,8 @@ def generate(
         if not torch.cuda.is_available():
             raise ToolkitError("--device cuda but no CUDA device is visible", "use --device cpu")
     is_gguf = str(model).endswith(".gguf")
-    name = runtime or ("llama_cpp" if is_gguf else "torch")
+    is_onnx = "onnxruntime" in RUNTIMES and RUNTIMES["onnxruntime"].handles(model)
+    name = runtime or ("llama_cpp" if is_gguf else "onnxruntime" if is_onnx else "torch")
     if name not in RUNTIMES:
         raise ToolkitError(f"unknown runtime '{name}'", f"available: {', '.join(RUNTIMES)}")
     if runtime is not None and not RUNTIMES[runtime].handles(model):
@@ -226,9 +227,15 @@ def generate(
             ids, stops = rt.tokenize(prompt), []
         detokenize = rt.detokenize
     else:
-        bundle = _load(model, arch, tokenizer, config, num_heads, experts_per_tok)
-        rt = RUNTIMES[name].load(bundle, threads=threads, device=device)
-        tok = bundle.tokenizer
+        if is_onnx:  # an export folder carries its tokenizer
+            from toolkit.tokenizer import Tokenizer
+
+            rt = RUNTIMES[name].load(model, threads=threads, device=device)
+            tok = Tokenizer.from_dir(Path(model) if Path(model).is_dir() else Path(model).parent)
+        else:
+            bundle = _load(model, arch, tokenizer, config, num_heads, experts_per_tok)
+            rt = RUNTIMES[name].load(bundle, threads=threads, device=device)
+            tok = bundle.tokenizer
         if chat:
             ids = tok.tok.encode(tok.render_chat(messages), add_special_tokens=False).ids
             stops = tok.end_of_turn_ids()
@@ -325,6 +332,198 @@ def export_gguf(
               f"({types}), "
               f"{report.seconds:.1f} s; {checked}")
     out.print(str(dest))
+
+
+@export_app.command("onnx")
+def export_onnx(
+    ckpt: Annotated[Path, typer.Argument(help="Checkpoint to export.")],
+    out_dir: Annotated[Optional[Path], typer.Option("-o", "--out", help="Output folder. Default: "
+                                                                        "<ckpt>-onnx-<variant>.")] = None,
+    variant: Annotated[str, typer.Option(help="portable: standard ONNX ops, every family, Optimum's I/O names. "
+                                              "ort: ONNX Runtime's fused ops (GroupQueryAttention, "
+                                              "SkipSimplifiedLayerNormalization, packed QKV) + genai_config.json "
+                                              "for onnxruntime-genai; dense llama/qwen2/qwen3.")] = "portable",
+    opset: Annotated[int, typer.Option(help="ONNX opset: 17 (what MNN's converter reads), 20, or 23 "
+                                            "(RMSNormalization op).")] = 20,
+    verify: Annotated[bool, typer.Option(help="Run the graph in ONNX Runtime (batch of 2 left-padded prompts, "
+                                              "prefill + 16 cached steps) and compare logits with the reference "
+                                              "model before keeping it.")] = True,
+    threads: Annotated[int, typer.Option(help="CPU threads for verification.")] = 1,
+    force: Annotated[bool, typer.Option(help="Replace an existing output.")] = False,
+    arch: ArchOpt = None, tokenizer: TokenizerOpt = None, config: ConfigOpt = None, num_heads: HeadsOpt = None,
+    experts_per_tok: TopkOpt = None,
+):
+    """ONNX (fp32) for ONNX Runtime: model.onnx + model.onnx.data with a KV cache, tokenizer and export.json."""
+    from exporters import EXPORTERS
+    from exporters.onnx import check_opset, check_variant
+    from toolkit.outputs import check_destination
+
+    dest = out_dir or Path(f"{str(ckpt).rstrip('/').removesuffix('.pth')}-onnx-{variant}")
+    check_destination(dest, force)
+    check_opset(opset)
+    bundle = _load(ckpt, arch, tokenizer, config, num_heads, experts_per_tok)
+    check_variant(bundle, variant)
+    report = EXPORTERS["onnx"].export(bundle, dest, variant, opset, verify, force, threads)
+    v = report.verification
+    checked = (f"verified in ONNX Runtime: max |dlogit| {v['max_abs_diff']:.2e} (<= {v['tolerance']:g}) over "
+               f"prefill + {v['decode_steps']} cached steps, batch 2 left-padded") if v else "not verified"
+    top = ", ".join(f"{k} {n}" for k, n in list(report.nodes.items())[:6])
+    err.print(f"{variant} opset {report.opset} (IR {report.ir_version}): {report.size_bytes / 1e6:.1f} MB, "
+              f"{sum(report.nodes.values())} nodes ({top}, ...); {checked}")
+    out.print(str(dest))
+
+
+# --- quantize --------------------------------------------------------------------------------------------------
+quantize_app = typer.Typer(no_args_is_help=True, help="Quantize weights to INT8 or INT4.")
+app.add_typer(quantize_app, name="quantize")
+
+FormatOpt = Annotated[str, typer.Option("--format", help="onnx: quantize an ONNX export folder (a checkpoint is "
+                                                          "exported first, --variant ort).")]
+
+
+def _onnx_source(src: Path, variant: str, opset: int, work: Path, arch, tokenizer, config, num_heads,
+                 experts_per_tok, threads: int):
+    """The folder with model.onnx: an export folder as it is, or a checkpoint exported first into `work`."""
+    from runtimes.onnxruntime import MODEL_FILE
+
+    if src.is_dir() and (src / MODEL_FILE).is_file():
+        return src
+    from exporters.onnx import check_opset, check_variant
+    from exporters.onnx import export as export_onnx_folder
+
+    check_opset(opset)
+    bundle = _load(src, arch, tokenizer, config, num_heads, experts_per_tok)
+    check_variant(bundle, variant)
+    folder = work / "fp32"
+    err.print(f"exporting {src} to ONNX ({variant}, opset {opset}) first")
+    export_onnx_folder(bundle, folder, variant, opset, True, False, threads)
+    return folder
+
+
+def _quantize_onnx(kind: str, src: Path, dest: Path | None, force: bool, variant: str, opset: int, threads: int,
+                   loader_args: tuple, **options) -> None:
+    import tempfile
+    import time
+
+    from quant.onnx_weights import quantize_onnx_folder
+    from toolkit.outputs import check_destination
+
+    dest = dest or Path(f"{str(src).rstrip('/').removesuffix('.pth')}-onnx-{kind}")
+    check_destination(dest, force)
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="toolkit-quant-", dir=dest.parent if dest.parent.exists() else None) as tmp:
+        folder = _onnx_source(src, variant, opset, Path(tmp), *loader_args, threads)
+        report = quantize_onnx_folder(folder, dest, kind, force=force, threads=threads, **options)
+    v = report["verification"]
+    err.print(f"{kind} ONNX: {report['size_bytes'] / 1e6:.1f} MB (fp32 {report['source_size_bytes'] / 1e6:.1f} MB), "
+              f"{report['quantized_matmuls']} of {report['matmuls']} MatMuls quantized, lm_head "
+              f"{report['lm_head']}; {time.perf_counter() - t0:.1f} s; argmax agreement with fp32 "
+              f"{100 * v['argmax_agreement']:.1f}% (max |dlogit| {v['max_abs_diff']:.3g})")
+    out.print(str(dest))
+
+
+@quantize_app.command("int8")
+def quantize_int8(
+    src: Annotated[Path, typer.Argument(help="ONNX export folder, or a checkpoint (exported first).")],
+    out_dir: Annotated[Optional[Path], typer.Option("-o", "--out", help="Output folder.")] = None,
+    fmt: FormatOpt = "onnx",
+    variant: Annotated[str, typer.Option(help="Variant when SRC is a checkpoint.")] = "ort",
+    opset: Annotated[int, typer.Option(help="Opset when SRC is a checkpoint.")] = 20,
+    threads: Annotated[int, typer.Option(help="CPU threads for verification.")] = 1,
+    force: Annotated[bool, typer.Option(help="Replace an existing output.")] = False,
+    arch: ArchOpt = None, tokenizer: TokenizerOpt = None, config: ConfigOpt = None, num_heads: HeadsOpt = None,
+    experts_per_tok: TopkOpt = None,
+):
+    """INT8: ONNX Runtime dynamic quantization (int8 weights per output channel, activations quantized per call),
+    every MatMul including the lm_head."""
+    _require_format(fmt)
+    _quantize_onnx("int8", src, out_dir, force, variant, opset, threads,
+                   (arch, tokenizer, config, num_heads, experts_per_tok))
+
+
+@quantize_app.command("int4")
+def quantize_int4(
+    src: Annotated[Path, typer.Argument(help="ONNX export folder, or a checkpoint (exported first).")],
+    out_dir: Annotated[Optional[Path], typer.Option("-o", "--out", help="Output folder.")] = None,
+    fmt: FormatOpt = "onnx",
+    group_size: Annotated[int, typer.Option(help="Weights per scale (16, 32, 64, 128 or 256).")] = 32,
+    lm_head_bits: Annotated[int, typer.Option(help="Bits of the lm_head (8 keeps the most sensitive matmul "
+                                                   "accurate; 4 is smaller).")] = 8,
+    variant: Annotated[str, typer.Option(help="Variant when SRC is a checkpoint.")] = "ort",
+    opset: Annotated[int, typer.Option(help="Opset when SRC is a checkpoint.")] = 20,
+    threads: Annotated[int, typer.Option(help="CPU threads for verification.")] = 1,
+    force: Annotated[bool, typer.Option(help="Replace an existing output.")] = False,
+    arch: ArchOpt = None, tokenizer: TokenizerOpt = None, config: ConfigOpt = None, num_heads: HeadsOpt = None,
+    experts_per_tok: TopkOpt = None,
+):
+    """INT4: MatMulNBits (symmetric, blockwise round-to-nearest, accuracy_level=4: int8 activations in the dot
+    products), lm_head at --lm-head-bits."""
+    _require_format(fmt)
+    if group_size not in (16, 32, 64, 128, 256):
+        raise ToolkitError(f"--group-size {group_size} is not supported by MatMulNBits",
+                           "choose 16, 32, 64, 128 or 256")
+    if lm_head_bits not in (4, 8):
+        raise ToolkitError(f"--lm-head-bits {lm_head_bits} is not supported", "choose 4 or 8")
+    _quantize_onnx("int4", src, out_dir, force, variant, opset, threads,
+                   (arch, tokenizer, config, num_heads, experts_per_tok), group_size=group_size,
+                   lm_head_bits=lm_head_bits)
+
+
+def _require_format(fmt: str) -> None:
+    if fmt != "onnx":
+        raise ToolkitError(f"unknown --format '{fmt}'", "use --format onnx")
+
+
+# --- eval-parity -----------------------------------------------------------------------------------------------
+@app.command("eval-parity")
+def eval_parity(
+    ckpt: Annotated[Path, typer.Argument(help="The checkpoint the artifacts came from (the baseline).")],
+    artifacts: Annotated[Optional[list[Path]], typer.Argument(help="Exported or quantized artifacts: .gguf files, "
+                                                                   "ONNX export folders, checkpoints.")] = None,
+    out_dir: Annotated[Optional[Path], typer.Option("-o", "--out", help="Report folder (parity.json, parity.md, "
+                                                                        "parity.png). Default: <ckpt>-parity.")] = None,
+    text: Annotated[Optional[Path], typer.Option(help="UTF-8 text to score. Default: the checkpoint's "
+                                                      "heldout.txt.")] = None,
+    ctx: Annotated[int, typer.Option(help="Chunk length; the second half of each chunk is scored "
+                                          "(llama-perplexity's default 512; PROTOCOL uses 256).")] = 512,
+    device: Annotated[str, typer.Option(help="Baseline device: auto (CUDA fp16 when present, else CPU fp32), "
+                                             "cuda, or cpu; artifacts run on it where their runtime can.")] = "auto",
+    threads: Annotated[int, typer.Option(help="CPU threads for every runtime.")] = 1,
+    repeats: Annotated[int, typer.Option(help="Timed generations per row (median ± std).")] = 3,
+    max_kld: Annotated[Optional[float], typer.Option(help="Gate: exit 1 if a row's mean KLD exceeds this.")] = None,
+    max_ppl_delta: Annotated[Optional[float], typer.Option(help="Gate: exit 1 if a row's PPL exceeds the "
+                                                                "baseline's by more than this many percent.")] = None,
+    force: Annotated[bool, typer.Option(help="Replace an existing report folder.")] = False,
+    arch: ArchOpt = None, tokenizer: TokenizerOpt = None, config: ConfigOpt = None, num_heads: HeadsOpt = None,
+    experts_per_tok: TopkOpt = None,
+):
+    """Put the baseline and every artifact on the same text: PPL, bits per byte, KLD, same-top-token, RMS Δp,
+    prefill/decode speed, size, peak memory. Each artifact runs in a fresh process; a row that fails is reported and
+    the others still run. Exit 1 when a row failed or a gate is breached."""
+    from toolkit.errors import VerificationError
+    from toolkit.outputs import atomic_output, check_destination
+    from toolkit.parity import ParityOptions, breaches, evaluate
+    from toolkit.parity import report as parity_report
+    from toolkit.progress import count_progress
+
+    if threads <= 0 or repeats <= 0:
+        raise ToolkitError("--threads and --repeats must be positive", "pass e.g. --threads 1 --repeats 3")
+    dest = out_dir or Path(f"{str(ckpt).rstrip('/').removesuffix('.pth')}-parity")
+    check_destination(dest, force)
+    overrides = {k: v for k, v in dict(arch=arch, tokenizer=tokenizer, config=config, num_heads=num_heads,
+                                       experts_per_tok=experts_per_tok).items() if v is not None}
+    opts = ParityOptions(ckpt=ckpt, artifacts=list(artifacts or []), out=dest, text=text, ctx=ctx, device=device,
+                         threads=threads, repeats=repeats, max_kld=max_kld, max_ppl_delta=max_ppl_delta, force=force,
+                         overrides=overrides)
+    with count_progress(err, "baseline chunks") as progress:
+        result = evaluate(opts, progress=progress, log=lambda line: err.print(line))
+    with atomic_output(dest, force, directory=True) as work:
+        parity_report.write(result, work)
+    parity_report.print_table(result, out)
+    out.print(f"report: {dest / 'parity.md'} (+ parity.json, parity.png)")
+    bad = breaches(result)
+    if bad:
+        raise VerificationError("; ".join(bad), f"see {dest / 'parity.md'}")
 
 
 # --- modelfile -----------------------------------------------------------------------------------------------

@@ -28,3 +28,13 @@ def step_progress(console: Console, total: int, enabled: bool = True,
             bar.update(task, completed=record["step"], **fields)
 
         yield update
+
+
+@contextlib.contextmanager
+def count_progress(console: Console, description: str) -> Iterator[Callable[[int, int], None]]:
+    """A plain bar for counted work; the callback takes (done, total)."""
+    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TimeRemainingColumn())
+    with Progress(*columns, console=console, transient=True) as bar:
+        task = bar.add_task(description, total=None)
+        yield lambda done, total: bar.update(task, completed=done, total=total)

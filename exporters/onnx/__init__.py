@@ -1,0 +1,247 @@
+"""ONNX for ONNX Runtime (and onnxruntime-genai): build the graph, verify it in ONNX Runtime against the reference
+model, then move the folder into place.
+
+Folder layout: model.onnx + model.onnx.data (all weights, one file), config.json (Hugging Face config),
+tokenizer.json + tokenizer_config.json, export.json (variant, opset, versions, verification) and, for the ort
+variant, genai_config.json.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from exporters import ExporterSpec, register
+from toolkit.bundle import ModelBundle
+from toolkit.errors import ToolkitError, VerificationError
+from toolkit.outputs import atomic_output, check_destination
+
+VARIANTS = ("portable", "ort")
+OPSETS = (17, 20, 23)
+DATA_FILE = "model.onnx.data"
+VERIFY_TEXT = "The quick brown fox jumps over the lazy dog. def main():\n    return 42\n你好，世界！ 🙂"
+DECODE_STEPS = 16
+FP32_TOLERANCE = 1e-4
+PAD = 3  # left padding of the shorter verification prompt
+PROMPT_TOKENS = 24
+
+
+@dataclass
+class OnnxReport:
+    path: str
+    variant: str
+    opset: int
+    ir_version: int
+    size_bytes: int
+    nodes: dict[str, int]
+    verification: dict | None = None
+    warnings: list[str] = field(default_factory=list)
+
+
+def _versions() -> dict[str, str | None]:
+    import importlib.metadata as md
+
+    out = {}
+    for pkg in ("onnx", "onnxruntime", "onnxruntime-genai", "torch", "edge-toolkit"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def check_opset(opset: int) -> int:
+    """The opset must be one we build and the installed ONNX Runtime must run it (probed with a one-node graph)."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    if opset not in OPSETS:
+        raise ToolkitError(f"opset {opset} is not offered", f"choose --opset {', '.join(map(str, OPSETS))} (17 is "
+                                                            "what MNN's converter reads)")
+    opsets = [helper.make_opsetid("", opset), helper.make_opsetid("com.microsoft", 1)]
+    ir = helper.find_min_ir_version_for(opsets, ignore_unknown=True)
+    probe = helper.make_model(helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["y"])], "probe",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])]), opset_imports=opsets)
+    probe.ir_version = ir
+    try:
+        ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+    except Exception as e:
+        raise ToolkitError(f"the installed ONNX Runtime {ort.__version__} cannot run opset {opset} / IR {ir} "
+                           f"({str(e).splitlines()[0][:160]})", "choose a lower --opset or upgrade onnxruntime"
+                           ) from None
+    return ir
+
+
+def check_variant(bundle: ModelBundle, variant: str) -> None:
+    if variant not in VARIANTS:
+        raise ToolkitError(f"unknown variant '{variant}'", "choose --variant portable or --variant ort")
+    if variant == "ort" and bundle.config.fam.moe:
+        raise ToolkitError(f"--variant ort cannot build {bundle.config.family} (mixture of experts): the fused "
+                           "ONNX Runtime graph covers the dense families llama, qwen2 and qwen3",
+                           "use --variant portable, which covers every family")
+
+
+def verification_batch_for(tokenizer, vocab_size: int) -> tuple[np.ndarray, np.ndarray, list[list[int]]]:
+    """Two prompts, the first left-padded, and the tokens fed on each decode step (fixed, not sampled, so both
+    sides see the same inputs whatever they predict)."""
+    ids = [i % vocab_size for i in (tokenizer.encode(VERIFY_TEXT, add_bos=False) * 2)[:PROMPT_TOKENS]]
+    pad = tokenizer.pad_id or 0
+    rows = np.array([[pad] * PAD + ids[PAD:], ids[::-1]], np.int64)
+    mask = np.ones_like(rows)
+    mask[0, :PAD] = 0
+    steps = [[ids[(3 * s) % len(ids)], ids[(5 * s + 1) % len(ids)]] for s in range(DECODE_STEPS)]
+    return rows, mask, steps
+
+
+class TorchReference:
+    """The reference model behind the same `forward(ids, mask, state)` interface as the ONNX runtime."""
+
+    def __init__(self, bundle: ModelBundle, max_len: int):
+        from toolkit.model import build_model
+
+        self.model, self.config, self.max_len = build_model(bundle), bundle.config, max_len
+
+    def forward(self, ids: np.ndarray, mask: np.ndarray, cache=None):
+        from toolkit.model import KVCache
+
+        if cache is None:
+            cache = KVCache(self.config, ids.shape[0], self.max_len, torch.float32, "cpu")
+        with torch.no_grad():
+            logits = self.model(torch.from_numpy(ids), cache=cache, attention_mask=torch.from_numpy(mask))
+        return logits.numpy(), cache
+
+
+def compare(reference, candidate, tokenizer, vocab_size: int) -> dict:
+    """Both through the same batch: prefill of 2 prompts (one left-padded) + DECODE_STEPS cached steps; logits
+    compared on real (non-padding) positions only."""
+    rows, mask, steps = verification_batch_for(tokenizer, vocab_size)
+    ref_state = got_state = None
+    ids, attn = rows, mask
+    diffs, agree, total, largest, finite = [], 0, 0, 0.0, True
+    for step in range(len(steps) + 1):
+        ref, ref_state = reference.forward(ids, attn, ref_state)
+        got, got_state = candidate.forward(ids, attn, got_state)
+        real = attn[:, -ids.shape[1]:].astype(bool)
+        finite &= bool(np.isfinite(got[real]).all())
+        diffs.append(float(np.abs(got - ref)[real].max()))
+        agree += int((got.argmax(-1) == ref.argmax(-1))[real].sum())
+        total += int(real.sum())
+        largest = max(largest, float(np.abs(ref[real]).max()))
+        if step < len(steps):
+            ids = np.array([[t] for t in steps[step]], np.int64)
+            attn = np.concatenate([attn, np.ones((2, 1), np.int64)], axis=1)
+    return {"batch": 2, "left_padding": PAD, "decode_steps": len(steps), "positions": total,
+            "max_abs_diff_prefill": diffs[0], "max_abs_diff": max(diffs), "argmax_agreement": agree / total,
+            "max_abs_logit": largest, "finite": finite}
+
+
+def verify(bundle: ModelBundle, folder: Path, threads: int = 1) -> dict:
+    from runtimes import RUNTIMES
+
+    reference = TorchReference(bundle, PROMPT_TOKENS + DECODE_STEPS)
+    result = compare(reference, RUNTIMES["onnxruntime"].load(folder, threads=threads), bundle.tokenizer,
+                     bundle.config.vocab_size)
+    result["tolerance"] = FP32_TOLERANCE
+    if not result["max_abs_diff"] <= FP32_TOLERANCE:
+        raise VerificationError(f"ONNX Runtime logits differ from the reference model by "
+                                f"{result['max_abs_diff']:.3g} (allowed {FP32_TOLERANCE:g})",
+                                "the export is not kept; report this with --debug output")
+    return result
+
+
+def write_side_files(bundle: ModelBundle, folder: Path, variant: str) -> None:
+    from toolkit.arch import config_to_hf
+
+    (folder / "config.json").write_text(json.dumps(config_to_hf(bundle.config), indent=2) + "\n")
+    bundle.tokenizer.save(folder)
+    if variant == "ort":
+        (folder / "genai_config.json").write_text(json.dumps(genai_config(bundle), indent=2) + "\n")
+
+
+def genai_config(bundle: ModelBundle) -> dict:
+    """onnxruntime-genai's description of the graph: names, shapes, and plain greedy search defaults."""
+    cfg, tok = bundle.config, bundle.tokenizer
+    eos = tok.end_of_turn_ids() or ([tok.eos_id] if tok.eos_id is not None else [0])
+    return {
+        "model": {
+            "bos_token_id": tok.bos_id if tok.bos_id is not None else eos[0],
+            "context_length": cfg.max_position_embeddings,
+            "eos_token_id": eos if len(eos) > 1 else eos[0],
+            "pad_token_id": tok.pad_id if tok.pad_id is not None else eos[0],
+            "type": {"qwen2": "qwen2", "qwen3": "qwen3"}.get(cfg.family, "llama"),
+            "vocab_size": cfg.vocab_size,
+            "decoder": {
+                "filename": "model.onnx", "head_size": cfg.head_dim, "hidden_size": cfg.hidden_size,
+                "num_attention_heads": cfg.num_heads, "num_hidden_layers": cfg.num_layers,
+                "num_key_value_heads": cfg.num_kv_heads,
+                "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
+                "inputs": {"input_ids": "input_ids", "attention_mask": "attention_mask",
+                           "past_key_names": "past_key_values.%d.key", "past_value_names": "past_key_values.%d.value"},
+                "outputs": {"logits": "logits", "present_key_names": "present.%d.key",
+                            "present_value_names": "present.%d.value"},
+            },
+        },
+        "search": {"do_sample": False, "max_length": cfg.max_position_embeddings, "min_length": 0, "num_beams": 1,
+                   "num_return_sequences": 1, "past_present_share_buffer": False, "repetition_penalty": 1.0,
+                   "temperature": 1.0, "top_k": 1, "top_p": 1.0},
+    }
+
+
+def save_model(model, folder: Path) -> None:
+    import onnx
+
+    onnx.save_model(model, str(folder / "model.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=DATA_FILE, size_threshold=1024)
+
+
+def node_counts(model) -> dict[str, int]:
+    from collections import Counter
+
+    return dict(Counter(n.op_type for n in model.graph.node).most_common())
+
+
+def folder_size(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.iterdir() if p.name.startswith("model.onnx"))
+
+
+def write_manifest(folder: Path, bundle: ModelBundle, report: OnnxReport, extra: dict | None = None) -> None:
+    manifest = {"format": "onnx", "variant": report.variant, "dtype": (extra or {}).get("dtype", "float32"),
+                "opset": report.opset, "ir_version": report.ir_version, "family": bundle.config.family,
+                "size_bytes": report.size_bytes, "nodes": report.nodes, "source": bundle.provenance,
+                "versions": _versions(), "verification": report.verification, "warnings": report.warnings,
+                **(extra or {})}
+    (folder / "export.json").write_text(json.dumps(manifest, indent=2, default=str) + "\n")
+
+
+def export(bundle: ModelBundle, out: Path, variant: str = "portable", opset: int = 20, verify_graph: bool = True,
+           force: bool = False, threads: int = 1) -> OnnxReport:
+    import onnx
+
+    from exporters.onnx.graph import build
+
+    out = Path(out)
+    check_variant(bundle, variant)
+    ir = check_opset(opset)
+    check_destination(out, force)
+    with atomic_output(out, force, directory=True) as work:
+        model = build(bundle, opset, variant)
+        if variant == "portable":  # the ort variant's contrib ops are unknown to the onnx checker
+            onnx.checker.check_model(model)
+        nodes = node_counts(model)
+        save_model(model, work)
+        del model
+        write_side_files(bundle, work, variant)
+        report = OnnxReport(str(out), variant, opset, ir, folder_size(work), nodes)
+        if verify_graph:
+            report.verification = verify(bundle, work, threads)
+        write_manifest(work, bundle, report)
+    return report
+
+
+register(ExporterSpec("onnx", "ONNX for ONNX Runtime (portable or fused ORT graph)", export))

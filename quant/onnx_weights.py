@@ -1,0 +1,118 @@
+"""Quantization of an exported ONNX folder with ONNX Runtime's own quantizers, then verification against the
+fp32 graph it came from (itself verified against the reference model when it was exported).
+
+- int8: `quantize_dynamic` (int8 weights, one scale per output channel; activations quantized on the fly:
+  DynamicQuantizeLinear + MatMulInteger). The lm_head is its own constant in our graphs, so it is quantized too.
+- int4: `MatMulNBitsQuantizer` (blockwise symmetric round-to-nearest, `accuracy_level=4`: int8 activations in the
+  dot products, the fast CPU path); the lm_head is re-quantized in a second pass at `lm_head_bits` (8 by default:
+  the head is the matmul whose error shows most in the next-token distribution).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+from toolkit.errors import ToolkitError, VerificationError
+from toolkit.outputs import atomic_output
+
+LM_HEAD = "/lm_head/MatMul"
+# a sanity floor, not a quality bar: below it the graph is broken (wrong scales, a mangled op), not just coarse.
+# Quality is what `toolkit eval-parity` measures on real text; random-weight models sit far below trained ones.
+MIN_AGREEMENT = 0.30
+SIDE_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "genai_config.json")
+
+
+def _quiet_ort_logging() -> None:
+    for name in ("onnxruntime", "onnxruntime.quantization", "root"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def _int8(src: Path, dst: Path) -> None:
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantize_dynamic(str(src), str(dst), op_types_to_quantize=["MatMul"], per_channel=True,
+                     weight_type=QuantType.QInt8, use_external_data_format=True,
+                     # contrib ops (GroupQueryAttention...) defeat ONNX shape inference: their outputs are fp32
+                     extra_options={"MatMulConstBOnly": True, "DefaultTensorType": onnx.TensorProto.FLOAT})
+
+
+def _int4(src: Path, dst: Path, group_size: int, lm_head_bits: int) -> None:
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    model = onnx.load(str(src))
+    body = MatMulNBitsQuantizer(model, bits=4, block_size=group_size, is_symmetric=True, accuracy_level=4,
+                                nodes_to_exclude=[LM_HEAD])
+    body.process()
+    # only the head is still a MatMul with a constant weight now
+    head = MatMulNBitsQuantizer(body.model.model, bits=lm_head_bits, block_size=group_size, is_symmetric=True,
+                                accuracy_level=4)
+    head.process()
+    head.model.save_model_to_file(str(dst), use_external_data_format=True)
+
+
+def _summary(path: Path) -> dict:
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    ops = [n for n in model.graph.node]
+    quantized = [n for n in ops if n.op_type in ("MatMulNBits", "MatMulInteger")]
+    head = [n for n in ops if n.name.startswith(LM_HEAD) and n.op_type in ("MatMul", "MatMulNBits", "MatMulInteger")]
+    head_desc = "fp32"
+    if head and head[0].op_type == "MatMulNBits":
+        bits = next((a.i for a in head[0].attribute if a.name == "bits"), 4)
+        head_desc = f"{bits}-bit MatMulNBits"
+    elif head and head[0].op_type == "MatMulInteger":
+        head_desc = "int8 MatMulInteger"
+    return {"matmuls": sum(n.op_type in ("MatMul", "MatMulNBits", "MatMulInteger") for n in ops),
+            "quantized_matmuls": len(quantized), "lm_head": head_desc}
+
+
+def quantize_onnx_folder(src: Path, dest: Path, kind: str, force: bool = False, threads: int = 1,
+                         group_size: int = 32, lm_head_bits: int = 8) -> dict:
+    from exporters.onnx import compare
+    from runtimes.onnxruntime import MODEL_FILE, OnnxRuntime
+    from toolkit.tokenizer import Tokenizer
+
+    src = Path(src)
+    meta_path = src / "export.json"
+    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    if meta.get("dtype", "float32") != "float32":
+        raise ToolkitError(f"{src} is already quantized ({meta.get('dtype')})", "quantize the fp32 export folder")
+    _quiet_ort_logging()
+    with atomic_output(dest, force, directory=True) as work:
+        try:
+            if kind == "int8":
+                _int8(src / MODEL_FILE, work / MODEL_FILE)
+            else:
+                _int4(src / MODEL_FILE, work / MODEL_FILE, group_size, lm_head_bits)
+        except Exception as e:  # ORT's quantizers raise plain exceptions on graphs they cannot handle
+            raise ToolkitError(f"ONNX Runtime's {kind} quantizer failed on {src}: {str(e)[:300]}",
+                               "quantize a folder written by `toolkit export onnx`") from None
+        for name in SIDE_FILES:
+            if (src / name).is_file():
+                shutil.copy2(src / name, work / name)
+        summary = _summary(work / MODEL_FILE)
+        tokenizer = Tokenizer.from_dir(src)
+        vocab = json.loads((src / "config.json").read_text())["vocab_size"]
+        verification = compare(OnnxRuntime(src, threads), OnnxRuntime(work, threads), tokenizer, vocab)
+        verification["min_agreement"] = MIN_AGREEMENT
+        if not verification["finite"] or verification["argmax_agreement"] < MIN_AGREEMENT:
+            raise VerificationError(
+                f"the {kind} graph agrees with fp32 on only {100 * verification['argmax_agreement']:.1f}% of "
+                f"next-token choices (finite: {verification['finite']})",
+                "the output is not kept; try a smaller --group-size or --lm-head-bits 8")
+        size = sum(p.stat().st_size for p in work.iterdir() if p.name.startswith("model.onnx"))
+        source_size = sum(p.stat().st_size for p in src.iterdir() if p.name.startswith("model.onnx"))
+        settings = {"group_size": group_size, "lm_head_bits": lm_head_bits, "symmetric": True,
+                    "accuracy_level": 4} if kind == "int4" else {"per_channel": True, "weight_type": "int8",
+                                                                  "activations": "dynamic uint8"}
+        report = {**meta, "dtype": kind, "quantization": {"method": "onnxruntime " + (
+            "MatMulNBits RTN" if kind == "int4" else "dynamic"), **settings, **summary},
+                  "size_bytes": size, "source_size_bytes": source_size, "verification": verification,
+                  "verified_against": "the fp32 ONNX graph"}
+        (work / "export.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+    return {**report, **summary}

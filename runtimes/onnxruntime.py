@@ -1,0 +1,127 @@
+"""ONNX Runtime: a decoder graph with Optimum's KV-cache I/O (exported by `toolkit export onnx`).
+
+Generation binds inputs and outputs with IO binding and feeds each step's `present.*` OrtValues back as the next
+step's `past_key_values.*` without copying them through numpy; only the last row of logits comes back to Python.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from runtimes import Generation, decode_loop
+from toolkit.errors import ToolkitError
+
+MODEL_FILE = "model.onnx"
+
+
+def model_path(artifact) -> Path:
+    p = Path(artifact)
+    return p / MODEL_FILE if p.is_dir() else p
+
+
+class OnnxRuntime:
+    name = "onnxruntime"
+
+    def __init__(self, artifact, threads: int = 1, device: str = "cpu"):
+        import onnxruntime as ort
+
+        path = model_path(artifact)
+        if not path.is_file():
+            raise ToolkitError(f"no ONNX model at {path}", "export one with `toolkit export onnx CKPT -o DIR`")
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.log_severity_level = 3
+        providers = ["CPUExecutionProvider"]
+        if device == "cuda":
+            if "CUDAExecutionProvider" not in ort.get_available_providers():
+                raise ToolkitError("this ONNX Runtime has no CUDA provider", "install onnxruntime-gpu, or use "
+                                                                              "--device cpu")
+            providers.insert(0, "CUDAExecutionProvider")
+        try:
+            self.session = ort.InferenceSession(str(path), options, providers=providers)
+        except Exception as e:  # ORT raises its own exception types for unreadable or unsupported graphs
+            raise ToolkitError(f"ONNX Runtime cannot load {path}: {str(e).splitlines()[0][:300]}",
+                               "re-export it with this toolkit, or check the opset with `toolkit info`") from None
+        self.device = "cuda" if device == "cuda" else "cpu"
+        self.ort = ort
+        self.inputs = {i.name: i for i in self.session.get_inputs()}
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        self.past_names = [n for n in self.inputs if n.startswith("past_key_values.")]
+        first = self.inputs[self.past_names[0]].shape if self.past_names else [1, 1, 0, 1]
+        self.kv_heads, self.head_dim = int(first[1]), int(first[3])
+        self.uses_positions = "position_ids" in self.inputs
+        self.dir = path.parent
+        meta = path.parent / "export.json"
+        self.meta = json.loads(meta.read_text()) if meta.is_file() else {}
+        self.label = f"onnxruntime {self.meta.get('variant', '')} {self.meta.get('dtype', '')} {self.device}".replace(
+            "  ", " ")
+
+    # --- plain runs (numpy in, numpy out): verification and scoring ---
+    def empty_past(self, batch: int) -> dict[str, np.ndarray]:
+        return {n: np.zeros((batch, self.kv_heads, 0, self.head_dim), np.float32) for n in self.past_names}
+
+    def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray,
+                past: dict[str, np.ndarray] | None = None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """One call: logits [B, T, V] and the new cache (present.* renamed to past_key_values.*)."""
+        batch, seq = input_ids.shape
+        feeds = {"input_ids": input_ids.astype(np.int64), "attention_mask": attention_mask.astype(np.int64)}
+        if self.uses_positions:
+            feeds["position_ids"] = np.clip(attention_mask.cumsum(-1) - 1, 0, None)[:, -seq:].astype(np.int64)
+        feeds.update(past if past is not None else self.empty_past(batch))
+        outputs = dict(zip(self.output_names, self.session.run(None, feeds)))
+        cache = {n.replace("present.", "past_key_values."): v for n, v in outputs.items() if n.startswith("present.")}
+        return outputs["logits"], cache
+
+    def logits(self, token_ids: list[int]) -> np.ndarray:
+        ids = np.asarray([token_ids], np.int64)
+        return self.forward(ids, np.ones_like(ids))[0][0]
+
+    # --- generation with IO binding ---
+    def _ortvalue(self, array: np.ndarray):
+        return self.ort.OrtValue.ortvalue_from_numpy(array, self.device, 0)
+
+    def _run_bound(self, ids: np.ndarray, total: int, past_values: dict) -> tuple[np.ndarray, dict]:
+        binding = self.session.io_binding()
+        binding.bind_ortvalue_input("input_ids", self._ortvalue(ids))
+        binding.bind_ortvalue_input("attention_mask", self._ortvalue(np.ones((1, total), np.int64)))
+        if self.uses_positions:
+            positions = np.arange(total - ids.shape[1], total, dtype=np.int64)[None]
+            binding.bind_ortvalue_input("position_ids", self._ortvalue(positions))
+        for name, value in past_values.items():
+            binding.bind_ortvalue_input(name, value)
+        for name in self.output_names:
+            binding.bind_output(name, self.device)
+        self.session.run_with_iobinding(binding)
+        outs = dict(zip(self.output_names, binding.get_outputs()))
+        present = {n.replace("present.", "past_key_values."): v for n, v in outs.items() if n.startswith("present.")}
+        return outs["logits"].numpy()[0, -1], present
+
+    def generate(self, token_ids: list[int], max_new_tokens: int, sampler: Callable[[np.ndarray], int],
+                 stop_ids: list[int] = (), on_token: Callable[[int], None] | None = None) -> Generation:
+        state = {"past": {n: self._ortvalue(v) for n, v in self.empty_past(1).items()}, "total": len(token_ids)}
+        t0 = time.perf_counter()
+        last, state["past"] = self._run_bound(np.asarray([token_ids], np.int64), state["total"], state["past"])
+        nxt = sampler(last)
+        t1 = time.perf_counter()
+
+        def step(token: int) -> np.ndarray:
+            state["total"] += 1
+            logits, state["past"] = self._run_bound(np.asarray([[token]], np.int64), state["total"], state["past"])
+            return logits
+
+        out, stopped = decode_loop(nxt, step, sampler, max_new_tokens, stop_ids, on_token)
+        return Generation(out, t1 - t0, time.perf_counter() - t1, len(token_ids), stopped)
+
+    def tokenizer(self):
+        from toolkit.tokenizer import Tokenizer
+
+        return Tokenizer.from_dir(self.dir)
+
+
+def load(artifact, threads: int | None = None, device: str = "cpu", **_):
+    return OnnxRuntime(artifact, threads or 1, device)

@@ -1,0 +1,293 @@
+"""`toolkit eval-parity`: the baseline (reference model, fp16 on CUDA or fp32 on CPU) and every artifact on the same
+tokens, scored as llama-perplexity scores them (non-overlapping chunks of ctx tokens, the second half of each
+scored, BOS written over each chunk's first token when the tokenizer adds one), each artifact in a fresh process.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from toolkit.errors import ToolkitError
+
+SCHEMA = 1
+BENCH_PROMPT, BENCH_NEW = 512, 128  # llama-bench's pp512 / tg128
+ROW_TIMEOUT = 1800
+
+
+@dataclass
+class ParityOptions:
+    ckpt: Path
+    artifacts: list[Path]
+    out: Path
+    text: Path | None = None
+    ctx: int = 512
+    device: str = "auto"
+    threads: int = 1
+    repeats: int = 3
+    max_kld: float | None = None
+    max_ppl_delta: float | None = None
+    force: bool = False
+    cache_dir: Path | None = None
+    overrides: dict = field(default_factory=dict)
+
+
+def read_text(path: Path) -> str:
+    if not path.is_file():
+        raise ToolkitError(f"text file {path} does not exist", "pass --text FILE (default: the checkpoint's "
+                                                               "heldout.txt)")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ToolkitError(f"{path} is not UTF-8 text (byte {e.start})", "convert it to UTF-8") from None
+    if not text.strip():
+        raise ToolkitError(f"{path} is empty", "give a text of at least two chunks of --ctx tokens")
+    return text
+
+
+def _sha256_files(paths: list[Path]) -> str:
+    h = hashlib.sha256()
+    for p in sorted(paths):
+        h.update(p.name.encode())
+        with open(p, "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+def checkpoint_hash(ckpt: Path) -> str:
+    if ckpt.is_file():
+        return _sha256_files([ckpt])
+    files = [p for p in ckpt.iterdir() if p.suffix in (".safetensors", ".bin", ".pth", ".json")
+             and p.name not in ("training.json", "export.json")]
+    return _sha256_files(files)
+
+
+def cache_root(explicit: Path | None) -> Path:
+    if explicit:
+        return explicit
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "edge-toolkit" / "parity"
+
+
+def resolve_device(device: str) -> tuple[str, str]:
+    import torch
+
+    if device not in ("auto", "cpu", "cuda"):
+        raise ToolkitError(f"unknown device '{device}'", "use --device auto, cpu or cuda")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ToolkitError("--device cuda but no CUDA device is visible", "use --device cpu")
+    if device == "cuda" or (device == "auto" and torch.cuda.is_available()):
+        return "cuda", "float16"
+    return "cpu", "float32"
+
+
+def runtime_for(artifact: Path) -> str | None:
+    from runtimes import RUNTIMES
+
+    for name in ("llama_cpp", "onnxruntime", "torch"):
+        if name in RUNTIMES and RUNTIMES[name].handles(artifact):
+            return name
+    return None
+
+
+def artifact_size(artifact: Path) -> int:
+    if artifact.is_file():
+        return artifact.stat().st_size
+    weights = [p for p in artifact.iterdir() if p.name.startswith("model.onnx") or p.suffix in (".safetensors", ".bin",
+                                                                                                  ".mnn", ".pth")]
+    return sum(p.stat().st_size for p in weights)
+
+
+def artifact_format(artifact: Path, runtime: str | None) -> str:
+    if runtime == "llama_cpp":
+        return "gguf"
+    if runtime == "onnxruntime":
+        meta = artifact / "export.json"
+        info = json.loads(meta.read_text()) if meta.is_file() else {}
+        return f"onnx {info.get('variant', '')} {info.get('dtype', '')}".strip()
+    return "checkpoint" if runtime == "torch" else "unknown"
+
+
+def compute_baseline(bundle, chunks: np.ndarray, device: str, dtype: str, progress=None):
+    """Baseline record and NLL per scored position from the reference model, a few chunks per batch."""
+    import torch
+
+    from toolkit.model import build_model
+    from toolkit.parity.metrics import BaselineRecord, log_softmax
+    from toolkit.perplexity import scored_positions
+
+    torch_dtype = {"float16": torch.float16, "float32": torch.float32}[dtype]
+    model = build_model(bundle, torch_dtype, device)
+    ctx = chunks.shape[1]
+    records, nll = [], []
+    batch = 4
+    with torch.no_grad():
+        for start in range(0, len(chunks), batch):
+            ids = torch.from_numpy(chunks[start:start + batch]).to(device)
+            logits = model(ids).float().cpu().numpy()
+            for j, row in enumerate(logits):
+                rows = row[scored_positions(ctx)]
+                targets = chunks[start + j, ctx // 2 + 1:]
+                records.append(BaselineRecord.from_logits(rows, targets))
+                nll.append(-log_softmax(rows)[np.arange(len(targets)), targets])
+            if progress:
+                progress(min(start + batch, len(chunks)), len(chunks))
+    return BaselineRecord.concat(records), np.concatenate(nll)
+
+
+def baseline_speed(bundle, prompt: list[int], device: str, dtype: str, threads: int, repeats: int) -> dict:
+    import statistics
+
+    from runtimes import RUNTIMES
+
+    rt = RUNTIMES["torch"].load(bundle, threads=threads, device=device, dtype=dtype)
+    greedy = lambda logits: int(np.argmax(logits))  # noqa: E731
+    rt.generate(prompt[:32], 4, greedy)
+    pre, dec = [], []
+    for _ in range(repeats):
+        g = rt.generate(prompt, BENCH_NEW, greedy)
+        pre.append(g.prefill_tps)
+        dec.append(g.decode_tps)
+    std = (lambda xs: statistics.stdev(xs) if len(xs) > 1 else 0.0)
+    return {"prefill_tps": statistics.median(pre), "prefill_tps_std": std(pre), "decode_tps": statistics.median(dec),
+            "decode_tps_std": std(dec), "label": rt.label}
+
+
+def run_row(artifact: Path, runtime: str, spec: dict, work: Path, index: int) -> dict:
+    """One artifact in a fresh process; a failure becomes a failed row with the worker's last stderr line."""
+    out = work / f"row{index}.json"
+    spec = {**spec, "artifact": str(artifact), "runtime": runtime, "out": str(out)}
+    spec_path = work / f"row{index}.spec.json"
+    spec_path.write_text(json.dumps(spec))
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.run([sys.executable, "-m", "toolkit.parity.worker", str(spec_path)], capture_output=True,
+                              text=True, timeout=ROW_TIMEOUT, env=env)
+    except subprocess.TimeoutExpired:
+        return {"status": "failed", "error": f"timed out after {ROW_TIMEOUT} s"}
+    if proc.returncode != 0 or not out.is_file():
+        lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
+        reason = lines[-1] if lines else f"exit code {proc.returncode}"
+        return {"status": "failed", "error": reason.removeprefix("error: ")}
+    row = json.loads(out.read_text())
+    row["status"], row["error"], row["seconds"] = "ok", None, time.perf_counter() - t0
+    return row
+
+
+def evaluate(opts: ParityOptions, progress=None, log=print) -> dict:
+    """Everything but writing the report: the baseline (cached) and one row per artifact."""
+    from toolkit.checkpoints import load_checkpoint
+    from toolkit.parity.metrics import BaselineRecord
+    from toolkit.perplexity import chunks as make_chunks
+    from toolkit.perplexity import summarize as ppl_summary
+
+    if opts.ctx < 16 or opts.ctx % 2:
+        raise ToolkitError(f"--ctx {opts.ctx} must be an even number of at least 16", "use --ctx 512 or 256")
+    for a in opts.artifacts:
+        if not a.exists():
+            raise ToolkitError(f"artifact {a} does not exist", "check the path")
+    text_path = opts.text
+    if text_path is None:
+        text_path = opts.ckpt / "heldout.txt" if opts.ckpt.is_dir() else None
+        if text_path is None or not text_path.is_file():
+            raise ToolkitError(f"{opts.ckpt} has no heldout.txt", "pass --text FILE")
+    text = read_text(text_path)
+    device, dtype = resolve_device(opts.device)
+    bundle = load_checkpoint(opts.ckpt, **opts.overrides)
+    tok = bundle.tokenizer
+    tokens = tok.encode(text, add_bos=False)
+    if len(tokens) < 2 * opts.ctx:
+        raise ToolkitError(f"{text_path} has {len(tokens)} tokens, fewer than two chunks of --ctx {opts.ctx}",
+                           "give a longer text or a smaller --ctx")
+    bos = tok.bos_id if tok.add_bos else None
+    chunks = np.asarray(make_chunks(tokens, opts.ctx, bos), np.int32)
+    ctx = opts.ctx
+    n_bytes = sum(len(tok.decode([int(t) for t in c[ctx // 2 + 1:]]).encode("utf-8")) for c in chunks)
+    text_sha = hashlib.sha256(text.encode("utf-8")).hexdigest()
+    key = hashlib.sha256(f"{checkpoint_hash(opts.ckpt)}|{text_sha}|{ctx}|{device}|{dtype}".encode()).hexdigest()[:24]
+    cache = cache_root(opts.cache_dir) / f"{key}.npz"
+    cached = cache.is_file()
+    if cached:
+        record = BaselineRecord.load(cache)
+        nll = np.load(cache.with_suffix(".nll.npy"))
+    else:
+        record, nll = compute_baseline(bundle, chunks.astype(np.int64), device, dtype, progress)
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_name(cache.name + f".partial-{os.getpid()}.npz")
+        record.save(tmp)
+        np.save(cache.with_suffix(".nll.npy"), nll)
+        os.replace(tmp, cache)  # last: a record on disk always has its NLL beside it
+    base = ppl_summary(nll, len(tokens), ctx)
+    prompt = [int(t) for t in chunks.reshape(-1)[:min(BENCH_PROMPT, bundle.config.max_position_embeddings - BENCH_NEW)]]
+    log(f"baseline: torch {dtype} {device}, PPL {base.ppl:.4f} over {base.n_scored} scored tokens "
+        f"({'cached' if cached else 'computed'}: {cache})")
+    speed = baseline_speed(bundle, prompt, device, dtype, opts.threads, opts.repeats)
+    n_params = bundle.num_parameters()
+    baseline = {"runtime": "torch", "device": device, "dtype": dtype, "ppl": base.ppl, "ppl_err": base.ppl_err,
+                "bpb": float(nll.sum() / np.log(2) / n_bytes), "n_tokens": len(tokens), "n_scored": base.n_scored,
+                "ctx": ctx, "text": str(text_path), "text_sha256": text_sha, "cache": str(cache),
+                "size_bytes": artifact_size(opts.ckpt), "n_params": n_params, **speed,
+                "bench": f"pp{len(prompt)} tg{BENCH_NEW}"}
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="toolkit-parity-") as tmpdir:
+        work = Path(tmpdir)
+        np.save(work / "tokens.npy", chunks)
+        spec = {"tokens": str(work / "tokens.npy"), "baseline": str(cache), "threads": opts.threads,
+                "repeats": opts.repeats, "device": device, "bench_prompt": len(prompt), "bench_new": BENCH_NEW,
+                "baseline_nll_mean": float(nll.mean()), "n_bytes": n_bytes}
+        for i, artifact in enumerate(opts.artifacts):
+            runtime = runtime_for(artifact)
+            row = {"name": artifact.name, "runtime": runtime, "format": artifact_format(artifact, runtime),
+                   "path": str(artifact), "size_bytes": artifact_size(artifact)}
+            row["bits_per_weight"] = 8.0 * row["size_bytes"] / n_params
+            log(f"[{i + 1}/{len(opts.artifacts)}] {artifact} ({runtime or 'no runtime'})")
+            if runtime is None:
+                row.update(status="failed", error="no installed runtime opens this artifact")
+            else:
+                row.update(run_row(artifact, runtime, spec, work, i))
+            rows.append(row)
+    return {"schema": SCHEMA, "checkpoint": str(opts.ckpt), "baseline": baseline, "rows": rows,
+            "gates": {"max_kld": opts.max_kld, "max_ppl_delta_pct": opts.max_ppl_delta},
+            "machine": machine_info(), "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+            "threads": opts.threads, "repeats": opts.repeats}
+
+
+def machine_info() -> str:
+    import platform
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} CPUs, Python {platform.python_version()}"
+
+
+def breaches(result: dict) -> list[str]:
+    """Rows that failed or break a gate, as one line each."""
+    out = []
+    gates = result["gates"]
+    for row in result["rows"]:
+        if row["status"] != "ok":
+            out.append(f"{row['name']}: failed ({row['error']})")
+            continue
+        if gates["max_kld"] is not None and row["kld_mean"] > gates["max_kld"]:
+            out.append(f"{row['name']}: mean KLD {row['kld_mean']:.6f} > --max-kld {gates['max_kld']}")
+        if gates["max_ppl_delta_pct"] is not None and row["ppl_delta_pct"] > gates["max_ppl_delta_pct"]:
+            out.append(f"{row['name']}: PPL {row['ppl_delta_pct']:+.3f} % > --max-ppl-delta "
+                       f"{gates['max_ppl_delta_pct']} %")
+    return out

@@ -1,0 +1,90 @@
+"""One eval-parity row in a fresh process: `python -m toolkit.parity.worker SPEC.json`.
+
+The artifact is loaded the way a user loads it (its runtime, its own file), scored on the tokens the parent wrote
+against the parent's baseline record, then timed (llama-bench's pp512 / tg128 shape). The process imports only its
+own engine, so its peak RSS is the artifact's, not the harness's. Writes the row's figures to SPEC's "out".
+"""
+from __future__ import annotations
+
+import json
+import resource
+import statistics
+import sys
+import time
+
+import numpy as np
+
+
+def _median_std(xs: list[float]) -> tuple[float, float]:
+    return statistics.median(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
+
+
+def peak_rss_bytes() -> int:
+    """This process's high-water RSS. /proc's VmHWM starts afresh at exec; getrusage's ru_maxrss would carry the
+    parent's (the harness, torch loaded) into the child on Linux."""
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def run(spec: dict) -> dict:
+    from runtimes import RUNTIMES
+    from toolkit.parity.metrics import BaselineRecord, Comparison, compare_rows, summarize
+    from toolkit.perplexity import scored_positions
+
+    chunks = np.load(spec["tokens"])
+    ctx = chunks.shape[1]
+    base = BaselineRecord.load(spec["baseline"])
+    prompt = [int(t) for t in chunks.reshape(-1)[:spec["bench_prompt"]]]
+    kwargs = {"ctx": max(ctx, len(prompt) + spec["bench_new"] + 8)} if spec["runtime"] == "llama_cpp" else {}
+    t0 = time.perf_counter()
+    rt = RUNTIMES[spec["runtime"]].load(spec["artifact"], threads=spec["threads"], device=spec["device"], **kwargs)
+    load_seconds = time.perf_counter() - t0
+    per = ctx - 1 - ctx // 2
+    parts = []
+    for i, chunk in enumerate(chunks):
+        rows = np.asarray(rt.logits([int(t) for t in chunk]))[scored_positions(ctx)]
+        parts.append(compare_rows(rows, base.slice(i * per, (i + 1) * per)))
+    row = summarize(Comparison.concat(parts), spec["baseline_nll_mean"], spec["n_bytes"])
+    greedy = lambda logits: int(np.argmax(logits))  # noqa: E731
+    rt.generate(prompt[:32], 4, greedy)  # warm-up
+    pre, dec = [], []
+    for _ in range(spec["repeats"]):
+        g = rt.generate(prompt, spec["bench_new"], greedy)
+        pre.append(g.prefill_tps)
+        dec.append(g.decode_tps)
+    row["prefill_tps"], row["prefill_tps_std"] = _median_std(pre)
+    row["decode_tps"], row["decode_tps_std"] = _median_std(dec)
+    row["bench"] = f"pp{len(prompt)} tg{spec['bench_new']}"
+    row["load_seconds"] = load_seconds
+    row["label"] = getattr(rt, "label", spec["runtime"])
+    row["peak_rss_bytes"] = peak_rss_bytes()
+    row["peak_vram_bytes"] = None
+    if "torch" in sys.modules and spec["device"] == "cuda":
+        import torch
+
+        row["peak_vram_bytes"] = int(torch.cuda.max_memory_allocated())
+    return row
+
+
+def main() -> None:
+    spec = json.loads(open(sys.argv[1]).read())
+    try:
+        row = run(spec)
+    except Exception as e:  # the parent reports the reason in the row; one line is enough there
+        from toolkit.errors import ToolkitError
+
+        first = (str(e).splitlines() or [""])[0][:300]
+        line = e.line() if isinstance(e, ToolkitError) else f"error: {type(e).__name__}: {first}"
+        print(line, file=sys.stderr)
+        sys.exit(1)
+    with open(spec["out"], "w") as f:
+        json.dump(row, f)
+
+
+if __name__ == "__main__":
+    main()
