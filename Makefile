@@ -3,7 +3,6 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
-DEMO   ?= artifacts/demo
 
 .PHONY: demo test install clean
 
@@ -22,15 +21,13 @@ $(STAMP): pyproject.toml
 test: $(STAMP)
 	$(PY) -m pytest -q tests
 
-# The main job on the embedded default corpus: train a small model, export it to GGUF (verified in llama.cpp, with
-# an Ollama Modelfile beside it), and generate from both.
+# The main job on the embedded default corpus: `toolkit quickstart` trains a small model, exports GGUF (f16, q8_0,
+# q4_k_m, each with an Ollama Modelfile) and ONNX (fp32, int8, int4), verifies each, and writes the parity report
+# into artifacts/quickstart/ -- where the root Modelfile points (`ollama create <name> -f Modelfile`).
 demo: $(STAMP)
-	$(VENV)/bin/toolkit train -o $(DEMO) --force --steps 300 --seq-len 128
-	$(VENV)/bin/toolkit info $(DEMO)
-	$(VENV)/bin/toolkit generate $(DEMO) --prompt "Return the number of" -n 48 --temperature 0.8 --top-k 40 --seed 0
-	$(VENV)/bin/toolkit export gguf $(DEMO) -o $(DEMO)-q4_k_m.gguf --outtype q4_k_m --force
-	$(VENV)/bin/toolkit modelfile validate $(DEMO)-q4_k_m.Modelfile
-	$(VENV)/bin/toolkit generate $(DEMO)-q4_k_m.gguf --prompt "Return the number of" -n 48
+	$(VENV)/bin/toolkit quickstart -o artifacts/quickstart --force
+	$(VENV)/bin/toolkit modelfile validate Modelfile
+	$(VENV)/bin/toolkit generate artifacts/quickstart/model-q4_k_m.gguf --prompt "Return the number of" -n 48
 
 clean:
 	rm -rf $(VENV) artifacts runs .pytest_cache

@@ -526,6 +526,40 @@ def eval_parity(
         raise VerificationError("; ".join(bad), f"see {dest / 'parity.md'}")
 
 
+# --- quickstart ------------------------------------------------------------------------------------------------
+@app.command()
+def quickstart(
+    out_dir: Annotated[Path, typer.Option("-o", "--out", help="Output folder.")] = Path("artifacts/quickstart"),
+    steps: Annotated[Optional[int], typer.Option(help="Training steps (default 400: about 2 minutes on 2 "
+                                                      "CPUs).")] = None,
+    threads: Annotated[int, typer.Option(help="CPU threads for training and verification (measurements use "
+                                              "1).")] = 2,
+    repeats: Annotated[int, typer.Option(help="Timed generations per parity row.")] = 3,
+    force: Annotated[bool, typer.Option(help="Replace an existing output.")] = False,
+):
+    """Everything on the embedded corpus: train a small model, export GGUF f16/q8_0/q4_k_m (+ Ollama Modelfiles)
+    and ONNX fp32/int8/int4, each verified, then eval-parity of all of them on the held-out split."""
+    from toolkit import quickstart as qs
+    from toolkit.outputs import check_destination
+    from toolkit.parity import breaches
+    from toolkit.parity import report as parity_report
+    from toolkit.progress import step_progress
+
+    check_destination(out_dir, force)
+    with step_progress(err, steps or qs.MODEL["steps"]) as progress:
+        result = qs.run(out_dir, force, threads, steps, repeats, log=lambda line: err.print(line),
+                        train_progress=progress)
+    parity_report.print_table(result, out)
+    err.print(f"done in {result['quickstart_seconds'] / 60:.1f} min. Report: {out_dir / 'parity' / 'parity.md'}; "
+              f"Ollama: ollama create <name> -f {out_dir / 'model-q4_k_m.Modelfile'}")
+    bad = breaches(result)
+    if bad:
+        from toolkit.errors import VerificationError
+
+        raise VerificationError("; ".join(bad), f"see {out_dir / 'parity' / 'parity.md'}")
+    out.print(str(out_dir))
+
+
 # --- modelfile -----------------------------------------------------------------------------------------------
 modelfile_app = typer.Typer(no_args_is_help=True, help="Ollama Modelfiles.")
 app.add_typer(modelfile_app, name="modelfile")
@@ -544,6 +578,11 @@ def modelfile_validate(path: Annotated[Path, typer.Argument(help="The Modelfile 
 
 # --- entry point -----------------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> None:
+    import signal
+
+    # a process started in the background by a non-interactive shell inherits SIGINT as ignored, and Python then
+    # never raises KeyboardInterrupt: Ctrl-C / kill -INT must still stop work cleanly (exit 130, resumable state)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     args = list(sys.argv[1:] if argv is None else argv)
     Flags.debug = "--debug" in args
     Flags.verbose = "--verbose" in args

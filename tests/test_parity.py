@@ -1,0 +1,128 @@
+"""eval-parity against oracles nobody here wrote: transformers for the baseline's perplexity, llama-cpp-python's
+logits for a GGUF row; and the gates and input checks of the CLI contract."""
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import assert_usage_error, run_cli
+from toolkit.tokenizer import Tokenizer
+
+CTX = 128
+
+
+def _chunks(model_dir, ctx=CTX):
+    """llama-perplexity's chunks, written out here: non-overlapping ctx tokens, BOS over the first if added."""
+    tok = Tokenizer.from_dir(model_dir)
+    ids = tok.encode((model_dir / "heldout.txt").read_text(encoding="utf-8"), add_bos=False)
+    chunks = [ids[i * ctx:(i + 1) * ctx] for i in range(len(ids) // ctx)]
+    if tok.add_bos:
+        chunks = [[tok.bos_id] + c[1:] for c in chunks]
+    return chunks
+
+
+def _ppl_from(logits_per_chunk, chunks, ctx=CTX) -> float:
+    nll = []
+    for logits, chunk in zip(logits_per_chunk, chunks):
+        logp = torch.log_softmax(torch.as_tensor(np.asarray(logits), dtype=torch.float64), dim=-1)
+        for pos in range(ctx // 2, ctx - 1):
+            nll.append(-float(logp[pos, chunk[pos + 1]]))
+    return math.exp(sum(nll) / len(nll))
+
+
+@pytest.fixture(scope="module")
+def parity_run(trained_model, tmp_path_factory):
+    """eval-parity on the trained model with two rows: the checkpoint itself and its f32 GGUF."""
+    root = tmp_path_factory.mktemp("parity")
+    gguf = root / "model-f32.gguf"
+    proc = run_cli("export", "gguf", trained_model, "-o", gguf, "--outtype", "f32")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = root / "report"
+    proc = run_cli("eval-parity", trained_model, trained_model, gguf, "-o", out, "--ctx", CTX, "--repeats", "1",
+                   "--device", "cpu", env={"XDG_CACHE_HOME": str(root / "cache")})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads((out / "parity.json").read_text()), out, gguf, root
+
+
+def test_baseline_ppl_equals_transformers(parity_run, trained_model):
+    from transformers import AutoModelForCausalLM
+
+    result, *_ = parity_run
+    chunks = _chunks(trained_model)
+    model = AutoModelForCausalLM.from_pretrained(trained_model, dtype=torch.float32).eval()
+    with torch.no_grad():
+        logits = [model(torch.tensor([c])).logits[0] for c in chunks]
+    expected = _ppl_from(logits, chunks)
+    assert result["baseline"]["device"] == "cpu" and result["baseline"]["dtype"] == "float32"
+    assert abs(result["baseline"]["ppl"] / expected - 1) < 1e-6, (result["baseline"]["ppl"], expected)
+    assert result["baseline"]["n_scored"] == len(chunks) * (CTX // 2 - 1)
+
+
+def test_baseline_against_itself_is_exact(parity_run):
+    result, *_ = parity_run
+    row = result["rows"][0]
+    assert row["status"] == "ok" and row["runtime"] == "torch"
+    assert row["kld_mean"] == 0.0 and row["same_top_pct"] == 100.0 and row["rms_dp_pct"] < 1e-9
+    assert row["ppl"] == pytest.approx(result["baseline"]["ppl"], rel=1e-12)
+
+
+def test_gguf_row_equals_llama_perplexity_definition(parity_run, trained_model):
+    from runtimes.llama_cpp import LlamaCppRuntime
+
+    result, _, gguf, _ = parity_run
+    row = result["rows"][1]
+    assert row["status"] == "ok" and row["runtime"] == "llama_cpp" and row["format"] == "gguf"
+    chunks = _chunks(trained_model)
+    rt = LlamaCppRuntime(gguf, threads=1, ctx=CTX)
+    expected = _ppl_from([rt.logits(c) for c in chunks], chunks)
+    assert abs(row["ppl"] / expected - 1) < 1e-4, (row["ppl"], expected)
+    assert row["kld_mean"] < 1e-6 and row["same_top_pct"] > 99.5
+    for key in ("decode_tps", "prefill_tps", "peak_rss_bytes", "size_bytes", "bits_per_weight", "bpb", "kld_p99"):
+        assert row[key] is not None and row[key] > 0, key
+
+
+def test_report_files_and_cached_baseline(parity_run):
+    result, out, _, root = parity_run
+    assert {p.name for p in out.iterdir()} == {"parity.json", "parity.md", "parity.png"}
+    assert (out / "parity.png").read_bytes()[:4] == b"\x89PNG"
+    assert "| model-f32.gguf | gguf |" in (out / "parity.md").read_text()
+    cache = list((root / "cache" / "edge-toolkit" / "parity").glob("*.npz"))
+    assert len(cache) == 1 and cache[0].stat().st_size < 800 * result["baseline"]["n_scored"] + 10_000
+
+
+def test_perturbed_artifact_fails_the_kld_gate(trained_model, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    bad = tmp_path / "perturbed"
+    bad.mkdir()
+    for p in trained_model.iterdir():
+        if p.is_file() and p.suffix != ".safetensors":
+            (bad / p.name).write_bytes(p.read_bytes())
+    state = load_file(trained_model / "model.safetensors")
+    g = torch.Generator().manual_seed(0)
+    state = {k: v + 0.02 * torch.randn(v.shape, generator=g) if v.ndim == 2 else v for k, v in state.items()}
+    save_file(state, bad / "model.safetensors", metadata={"format": "pt"})
+    out = tmp_path / "report"
+    proc = run_cli("eval-parity", trained_model, bad, "-o", out, "--ctx", CTX, "--repeats", "1", "--device", "cpu",
+                   "--max-kld", "0.01", env={"XDG_CACHE_HOME": str(tmp_path / "cache")})
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: perturbed: mean KLD") and "--max-kld 0.01" in last
+    assert (out / "parity.json").is_file()  # the report is still written
+
+
+def test_bad_text_exit_2(trained_model, tmp_path):
+    out = tmp_path / "report"
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n")
+    short = tmp_path / "short.txt"
+    short.write_text("def f(x):\n    return x\n" * 5)
+    latin = tmp_path / "latin1.txt"
+    latin.write_bytes("café ".encode("latin-1") * 500)
+    for text, words in ((empty, "is empty"), (short, "fewer than two chunks"), (latin, "not UTF-8")):
+        last = assert_usage_error(run_cli("eval-parity", trained_model, "-o", out, "--text", text, "--ctx", CTX), out)
+        assert words in last
