@@ -24,9 +24,24 @@ def register(spec: ExporterSpec) -> ExporterSpec:
     return spec
 
 
-from exporters import gguf  # noqa: E402,F401  (registration)
-
-try:  # registers only where onnx/onnxruntime are installed
+# each exporter registers only where its packages are installed (the GPU machine's stack has no gguf, for one)
+try:
+    from exporters import gguf  # noqa: E402,F401
+except ImportError:  # pragma: no cover
+    pass
+try:
     from exporters import onnx  # noqa: E402,F401
 except ImportError:  # pragma: no cover
     pass
+
+EXTRAS = {"gguf": "gguf", "onnx": "onnx"}
+
+
+def get(name: str) -> ExporterSpec:
+    """The exporter, or a clear error naming the extra to install."""
+    from toolkit.errors import ToolkitError
+
+    if name not in EXPORTERS:
+        raise ToolkitError(f"the {name} exporter's packages are not installed",
+                           f"pip install -e '.[{EXTRAS.get(name, name)}]'")
+    return EXPORTERS[name]

@@ -313,13 +313,13 @@ def export_gguf(
     experts_per_tok: TopkOpt = None,
 ):
     """GGUF for llama.cpp and Ollama; writes FILE.gguf and FILE.manifest.json."""
-    from exporters import EXPORTERS
+    from exporters import get as get_exporter
     from toolkit.outputs import check_destination
 
     dest = out_file or Path(f"{str(ckpt).rstrip('/').removesuffix('.pth')}-{outtype}.gguf")
     check_destination(dest, force)
     bundle = _load(ckpt, arch, tokenizer, config, num_heads, experts_per_tok)
-    report = EXPORTERS["gguf"].export(bundle, dest, outtype, verify, force, threads, Flags.verbose)
+    report = get_exporter("gguf").export(bundle, dest, outtype, verify, force, threads, Flags.verbose)
     for line in report.fallbacks:
         err.print(f"[yellow]fallback[/yellow] {line}")
     for line in report.warnings:
@@ -354,7 +354,7 @@ def export_onnx(
     experts_per_tok: TopkOpt = None,
 ):
     """ONNX (fp32) for ONNX Runtime: model.onnx + model.onnx.data with a KV cache, tokenizer and export.json."""
-    from exporters import EXPORTERS
+    from exporters import get as get_exporter
     from exporters.onnx import check_opset, check_variant
     from toolkit.outputs import check_destination
 
@@ -363,7 +363,7 @@ def export_onnx(
     check_opset(opset)
     bundle = _load(ckpt, arch, tokenizer, config, num_heads, experts_per_tok)
     check_variant(bundle, variant)
-    report = EXPORTERS["onnx"].export(bundle, dest, variant, opset, verify, force, threads)
+    report = get_exporter("onnx").export(bundle, dest, variant, opset, verify, force, threads)
     v = report.verification
     checked = (f"verified in ONNX Runtime: max |dlogit| {v['max_abs_diff']:.2e} (<= {v['tolerance']:g}) over "
                f"prefill + {v['decode_steps']} cached steps, batch 2 left-padded") if v else "not verified"

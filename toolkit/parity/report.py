@@ -20,7 +20,9 @@ def table_rows(result: dict) -> list[list[str]]:
             rows.append([r["name"], r.get("format") or "?", f"{r['size_bytes'] / 1e6:.1f}", "–", "–", "–", "–", "–",
                          "–", "–", "–", f"failed: {r['error']}"])
             continue
-        rows.append([r["name"], r["format"], f"{r['size_bytes'] / 1e6:.1f}", f"{r['ppl']:.4f} ± {r['ppl_err']:.4f}",
+        where = r.get("device")
+        fmt = r["format"] + (f" ({where})" if where and where != b["device"] else "")
+        rows.append([r["name"], fmt, f"{r['size_bytes'] / 1e6:.1f}", f"{r['ppl']:.4f} ± {r['ppl_err']:.4f}",
                      f"{r['ppl_delta_pct']:+.3f}", f"{r['kld_mean']:.6f}", f"{r['same_top_pct']:.2f}",
                      f"{r['rms_dp_pct']:.3f}", f"{r['prefill_tps']:.0f} ± {r['prefill_tps_std']:.0f}",
                      f"{r['decode_tps']:.1f} ± {r['decode_tps_std']:.1f}",

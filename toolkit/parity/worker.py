@@ -31,6 +31,17 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def _runs_on_cuda(runtime: str) -> bool:
+    """Artifacts run on the baseline's device where their runtime can; otherwise on the CPU (the row says which)."""
+    if runtime == "torch":
+        return True
+    if runtime == "onnxruntime":
+        import onnxruntime
+
+        return "CUDAExecutionProvider" in onnxruntime.get_available_providers()
+    return False  # llama-cpp-python is built for the CPU here
+
+
 def run(spec: dict) -> dict:
     from runtimes import RUNTIMES
     from toolkit.parity.metrics import BaselineRecord, Comparison, compare_rows, summarize
@@ -41,8 +52,9 @@ def run(spec: dict) -> dict:
     base = BaselineRecord.load(spec["baseline"])
     prompt = [int(t) for t in chunks.reshape(-1)[:spec["bench_prompt"]]]
     kwargs = {"ctx": max(ctx, len(prompt) + spec["bench_new"] + 8)} if spec["runtime"] == "llama_cpp" else {}
+    device = spec["device"] if _runs_on_cuda(spec["runtime"]) else "cpu"
     t0 = time.perf_counter()
-    rt = RUNTIMES[spec["runtime"]].load(spec["artifact"], threads=spec["threads"], device=spec["device"], **kwargs)
+    rt = RUNTIMES[spec["runtime"]].load(spec["artifact"], threads=spec["threads"], device=device, **kwargs)
     load_seconds = time.perf_counter() - t0
     per = ctx - 1 - ctx // 2
     parts = []
@@ -61,10 +73,11 @@ def run(spec: dict) -> dict:
     row["decode_tps"], row["decode_tps_std"] = _median_std(dec)
     row["bench"] = f"pp{len(prompt)} tg{spec['bench_new']}"
     row["load_seconds"] = load_seconds
+    row["device"] = device
     row["label"] = getattr(rt, "label", spec["runtime"])
     row["peak_rss_bytes"] = peak_rss_bytes()
     row["peak_vram_bytes"] = None
-    if "torch" in sys.modules and spec["device"] == "cuda":
+    if "torch" in sys.modules and device == "cuda":
         import torch
 
         row["peak_vram_bytes"] = int(torch.cuda.max_memory_allocated())
