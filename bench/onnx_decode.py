@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -37,18 +36,11 @@ def toolkit(*args: str) -> None:
 
 
 def decode_speed(load, prompt: list[int], runs: int) -> tuple[float, float, float]:
-    """(median tok/s, std, median ms/step) over runs; one warm-up run first."""
-    from runtimes import decode_loop  # noqa: F401  (same loop as `toolkit generate`)
+    """(median tok/s, std, median ms/step) of the decode, timed as eval-parity times it."""
+    from toolkit.parity.speed import time_generation
 
-    rt = load()
-    greedy = lambda logits: int(np.argmax(logits))  # noqa: E731
-    rt.generate(prompt, 8, greedy)
-    tps = []
-    for _ in range(runs):
-        g = rt.generate(prompt, NEW, greedy)
-        tps.append(g.decode_tps)
-    med = statistics.median(tps)
-    return med, statistics.stdev(tps) if len(tps) > 1 else 0.0, 1000.0 / med
+    t = time_generation(load(), prompt, NEW, runs)
+    return t["decode_tps"], t["decode_tps_std"], 1000.0 / t["decode_tps"]
 
 
 def heldout_ppl(logits_one, tokens: list[int]) -> float:
@@ -68,6 +60,7 @@ def main() -> None:
 
     from runtimes import RUNTIMES
     from toolkit.checkpoints import load_checkpoint
+    from toolkit.parity import artifact_size
 
     work = args.workdir or Path(tempfile.mkdtemp(prefix="bench-onnx-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -104,8 +97,7 @@ def main() -> None:
         return lambda: RUNTIMES[engine].load(path, threads=threads)
 
     names = ["torch fp32 (reference)", *artifacts]
-    sizes = {n: (sum(p.stat().st_size for p in artifacts[n].glob("model.onnx*")) if artifacts[n].is_dir()
-                 else artifacts[n].stat().st_size) for n in artifacts}
+    sizes = {n: artifact_size(artifacts[n]) for n in artifacts}
     sizes["torch fp32 (reference)"] = 4 * bundle.num_parameters()
     ppl = {}
     if not args.no_ppl:

@@ -73,7 +73,7 @@ def _summary(path: Path) -> dict:
 
 def quantize_onnx_folder(src: Path, dest: Path, kind: str, force: bool = False, threads: int = 1,
                          group_size: int = 32, lm_head_bits: int = 8) -> dict:
-    from exporters.onnx import compare
+    from exporters.onnx import compare, folder_size
     from runtimes.onnxruntime import MODEL_FILE, OnnxRuntime
     from toolkit.tokenizer import Tokenizer
 
@@ -105,8 +105,7 @@ def quantize_onnx_folder(src: Path, dest: Path, kind: str, force: bool = False, 
                 f"the {kind} graph agrees with fp32 on only {100 * verification['argmax_agreement']:.1f}% of "
                 f"next-token choices (finite: {verification['finite']})",
                 "the output is not kept; try a smaller --group-size or --lm-head-bits 8")
-        size = sum(p.stat().st_size for p in work.iterdir() if p.name.startswith("model.onnx"))
-        source_size = sum(p.stat().st_size for p in src.iterdir() if p.name.startswith("model.onnx"))
+        size, source_size = folder_size(work), folder_size(src)
         settings = {"group_size": group_size, "lm_head_bits": lm_head_bits, "symmetric": True,
                     "accuracy_level": 4} if kind == "int4" else {"per_channel": True, "weight_type": "int8",
                                                                   "activations": "dynamic uint8"}

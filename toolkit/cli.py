@@ -48,6 +48,13 @@ HeadsOpt = Annotated[Optional[int], typer.Option("--num-heads", help="Attention 
                                                                      ".pth (released models use 8).")]
 TopkOpt = Annotated[Optional[int], typer.Option("--experts-per-tok", help="Experts per token of a MiniMind MoE "
                                                                           ".pth (MiniMind2: 2, minimind-3: 1).")]
+ForceOpt = Annotated[bool, typer.Option(help="Replace an existing output.")]
+VerifyThreadsOpt = Annotated[int, typer.Option(help="CPU threads for verification.")]
+
+
+def _default_dest(src: Path, suffix: str) -> Path:
+    """DESIGN.md's default output: named after the input (without .pth) and the variant, beside it."""
+    return Path(f"{str(src).rstrip('/').removesuffix('.pth')}{suffix}")
 
 
 def _load(ckpt: Path, arch, tokenizer, config, num_heads, experts_per_tok):
@@ -95,7 +102,7 @@ def train(
                                                         "<out>.train_state.pt an interrupted run leaves. The run's "
                                                         "recipe (model, data, optimizer) is kept; --steps may "
                                                         "grow.")] = None,
-    force: Annotated[bool, typer.Option(help="Replace an existing output.")] = False,
+    force: ForceOpt = False,
 ):
     """Pretrain a MiniMind-style model from scratch; writes a Hugging Face folder with heldout.txt and calib.txt.
 
@@ -267,7 +274,7 @@ def convert(
     to: Annotated[str, typer.Option("--to", help="Target format: hf (a folder transformers loads).")] = "hf",
     out_dir: Annotated[Optional[Path], typer.Option("-o", "--out", help="Output folder. Default: <ckpt>-hf/.")] = None,
     dtype: Annotated[Optional[str], typer.Option(help="float32, float16 or bfloat16 (default: as stored).")] = None,
-    force: Annotated[bool, typer.Option(help="Replace an existing output.")] = False,
+    force: ForceOpt = False,
     arch: ArchOpt = None, tokenizer: TokenizerOpt = None, config: ConfigOpt = None, num_heads: HeadsOpt = None,
     experts_per_tok: TopkOpt = None,
 ):
@@ -307,8 +314,8 @@ def export_gguf(
                                               "q6_k (norms and routers stay f32).")] = "f16",
     verify: Annotated[bool, typer.Option(help="Load the file in llama.cpp and compare logits and tokenization "
                                               "with the reference model before keeping it.")] = True,
-    threads: Annotated[int, typer.Option(help="CPU threads for verification.")] = 1,
-    force: Annotated[bool, typer.Option(help="Replace an existing output.")] = False,
+    threads: VerifyThreadsOpt = 1,
+    force: ForceOpt = False,
     arch: ArchOpt = None, tokenizer: TokenizerOpt = None, config: ConfigOpt = None, num_heads: HeadsOpt = None,
     experts_per_tok: TopkOpt = None,
 ):
@@ -316,7 +323,7 @@ def export_gguf(
     from exporters import get as get_exporter
     from toolkit.outputs import check_destination
 
-    dest = out_file or Path(f"{str(ckpt).rstrip('/').removesuffix('.pth')}-{outtype}.gguf")
+    dest = out_file or _default_dest(ckpt, f"-{outtype}.gguf")
     check_destination(dest, force)
     bundle = _load(ckpt, arch, tokenizer, config, num_heads, experts_per_tok)
     report = get_exporter("gguf").export(bundle, dest, outtype, verify, force, threads, Flags.verbose)
@@ -348,8 +355,8 @@ def export_onnx(
     verify: Annotated[bool, typer.Option(help="Run the graph in ONNX Runtime (batch of 2 left-padded prompts, "
                                               "prefill + 16 cached steps) and compare logits with the reference "
                                               "model before keeping it.")] = True,
-    threads: Annotated[int, typer.Option(help="CPU threads for verification.")] = 1,
-    force: Annotated[bool, typer.Option(help="Replace an existing output.")] = False,
+    threads: VerifyThreadsOpt = 1,
+    force: ForceOpt = False,
     arch: ArchOpt = None, tokenizer: TokenizerOpt = None, config: ConfigOpt = None, num_heads: HeadsOpt = None,
     experts_per_tok: TopkOpt = None,
 ):
@@ -358,7 +365,7 @@ def export_onnx(
     from exporters.onnx import check_opset, check_variant
     from toolkit.outputs import check_destination
 
-    dest = out_dir or Path(f"{str(ckpt).rstrip('/').removesuffix('.pth')}-onnx-{variant}")
+    dest = out_dir or _default_dest(ckpt, f"-onnx-{variant}")
     check_destination(dest, force)
     check_opset(opset)
     bundle = _load(ckpt, arch, tokenizer, config, num_heads, experts_per_tok)
@@ -377,6 +384,8 @@ def export_onnx(
 quantize_app = typer.Typer(no_args_is_help=True, help="Quantize weights to INT8 or INT4.")
 app.add_typer(quantize_app, name="quantize")
 
+SourceVariantOpt = Annotated[str, typer.Option(help="Variant when SRC is a checkpoint.")]
+SourceOpsetOpt = Annotated[int, typer.Option(help="Opset when SRC is a checkpoint.")]
 FormatOpt = Annotated[str, typer.Option("--format", help="onnx: quantize an ONNX export folder (a checkpoint is "
                                                           "exported first, --variant ort).")]
 
@@ -408,7 +417,7 @@ def _quantize_onnx(kind: str, src: Path, dest: Path | None, force: bool, variant
     from quant.onnx_weights import quantize_onnx_folder
     from toolkit.outputs import check_destination
 
-    dest = dest or Path(f"{str(src).rstrip('/').removesuffix('.pth')}-onnx-{kind}")
+    dest = dest or _default_dest(src, f"-onnx-{kind}")
     check_destination(dest, force)
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="toolkit-quant-", dir=dest.parent if dest.parent.exists() else None) as tmp:
@@ -427,10 +436,10 @@ def quantize_int8(
     src: Annotated[Path, typer.Argument(help="ONNX export folder, or a checkpoint (exported first).")],
     out_dir: Annotated[Optional[Path], typer.Option("-o", "--out", help="Output folder.")] = None,
     fmt: FormatOpt = "onnx",
-    variant: Annotated[str, typer.Option(help="Variant when SRC is a checkpoint.")] = "ort",
-    opset: Annotated[int, typer.Option(help="Opset when SRC is a checkpoint.")] = 20,
-    threads: Annotated[int, typer.Option(help="CPU threads for verification.")] = 1,
-    force: Annotated[bool, typer.Option(help="Replace an existing output.")] = False,
+    variant: SourceVariantOpt = "ort",
+    opset: SourceOpsetOpt = 20,
+    threads: VerifyThreadsOpt = 1,
+    force: ForceOpt = False,
     arch: ArchOpt = None, tokenizer: TokenizerOpt = None, config: ConfigOpt = None, num_heads: HeadsOpt = None,
     experts_per_tok: TopkOpt = None,
 ):
@@ -449,10 +458,10 @@ def quantize_int4(
     group_size: Annotated[int, typer.Option(help="Weights per scale (16, 32, 64, 128 or 256).")] = 32,
     lm_head_bits: Annotated[int, typer.Option(help="Bits of the lm_head (8 keeps the most sensitive matmul "
                                                    "accurate; 4 is smaller).")] = 8,
-    variant: Annotated[str, typer.Option(help="Variant when SRC is a checkpoint.")] = "ort",
-    opset: Annotated[int, typer.Option(help="Opset when SRC is a checkpoint.")] = 20,
-    threads: Annotated[int, typer.Option(help="CPU threads for verification.")] = 1,
-    force: Annotated[bool, typer.Option(help="Replace an existing output.")] = False,
+    variant: SourceVariantOpt = "ort",
+    opset: SourceOpsetOpt = 20,
+    threads: VerifyThreadsOpt = 1,
+    force: ForceOpt = False,
     arch: ArchOpt = None, tokenizer: TokenizerOpt = None, config: ConfigOpt = None, num_heads: HeadsOpt = None,
     experts_per_tok: TopkOpt = None,
 ):
@@ -508,12 +517,12 @@ def eval_parity(
 
     if threads <= 0 or repeats <= 0:
         raise ToolkitError("--threads and --repeats must be positive", "pass e.g. --threads 1 --repeats 3")
-    dest = out_dir or Path(f"{str(ckpt).rstrip('/').removesuffix('.pth')}-parity")
+    dest = out_dir or _default_dest(ckpt, "-parity")
     check_destination(dest, force)
     overrides = {k: v for k, v in dict(arch=arch, tokenizer=tokenizer, config=config, num_heads=num_heads,
                                        experts_per_tok=experts_per_tok).items() if v is not None}
-    opts = ParityOptions(ckpt=ckpt, artifacts=list(artifacts or []), out=dest, text=text, ctx=ctx, device=device,
-                         threads=threads, repeats=repeats, max_kld=max_kld, max_ppl_delta=max_ppl_delta, force=force,
+    opts = ParityOptions(ckpt=ckpt, artifacts=list(artifacts or []), text=text, ctx=ctx, device=device,
+                         threads=threads, repeats=repeats, max_kld=max_kld, max_ppl_delta=max_ppl_delta,
                          overrides=overrides)
     with count_progress(err, "baseline chunks") as progress:
         result = evaluate(opts, progress=progress, log=lambda line: err.print(line))
@@ -535,7 +544,7 @@ def quickstart(
     threads: Annotated[int, typer.Option(help="CPU threads for training and verification (measurements use "
                                               "1).")] = 2,
     repeats: Annotated[int, typer.Option(help="Timed generations per parity row.")] = 3,
-    force: Annotated[bool, typer.Option(help="Replace an existing output.")] = False,
+    force: ForceOpt = False,
 ):
     """Everything on the embedded corpus: train a small model, export GGUF f16/q8_0/q4_k_m (+ Ollama Modelfiles)
     and ONNX fp32/int8/int4, each verified, then eval-parity of all of them on the held-out split."""

@@ -63,8 +63,8 @@ def run(dest: Path, force: bool = False, threads: int = 2, steps: int | None = N
             artifacts.append(work / f"onnx-{kind}")
             stage(f"ONNX {kind} ({q['size_bytes'] / 1e6:.1f} MB, lm_head {q['lm_head']})", t)
         t = time.perf_counter()
-        result = evaluate(ParityOptions(ckpt=model, artifacts=artifacts, out=work / "parity", ctx=PARITY_CTX,
-                                        device="cpu", threads=1, repeats=repeats), log=log)
+        result = evaluate(ParityOptions(ckpt=model, artifacts=artifacts, ctx=PARITY_CTX, device="cpu", threads=1,
+                                        repeats=repeats), log=log)
         _relocate(result, work, dest)
         (work / "parity").mkdir()
         parity_report.write(result, work / "parity")
@@ -81,7 +81,6 @@ def _relocate(result: dict, work: Path, dest: Path) -> None:
         return p.replace(str(work), str(dest))
 
     result["checkpoint"] = fix(result["checkpoint"])
-    for key in ("text",):
-        result["baseline"][key] = fix(result["baseline"][key])
+    result["baseline"]["text"] = fix(result["baseline"]["text"])
     for row in result["rows"]:
         row["path"] = fix(row["path"])

@@ -98,14 +98,9 @@ def _np_dtype(t):
 
 
 def write_manifest(report: GGUFReport, bundle: ModelBundle, path: Path) -> None:
-    import importlib.metadata as md
+    from exporters import package_versions
 
-    versions = {}
-    for pkg in ("gguf", "llama-cpp-python", "torch"):
-        try:
-            versions[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            versions[pkg] = None
+    versions = package_versions("gguf", "llama-cpp-python", "torch")
     manifest = {"format": "gguf", "artifact": Path(report.path).name, "arch": report.arch,
                 "family": bundle.config.family, "outtype": report.outtype, "size_bytes": report.size_bytes,
                 "bits_per_weight": report.bits_per_weight, "tensor_types": report.tensor_types,

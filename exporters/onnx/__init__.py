@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from exporters import ExporterSpec, register
+from exporters import ExporterSpec, package_versions, register
 from toolkit.bundle import ModelBundle
 from toolkit.errors import ToolkitError, VerificationError
 from toolkit.outputs import atomic_output, check_destination
@@ -41,21 +41,8 @@ class OnnxReport:
     warnings: list[str] = field(default_factory=list)
 
 
-def _versions() -> dict[str, str | None]:
-    import importlib.metadata as md
-
-    out = {}
-    for pkg in ("onnx", "onnxruntime", "onnxruntime-genai", "torch", "edge-toolkit"):
-        try:
-            out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            out[pkg] = None
-    return out
-
-
 def check_opset(opset: int) -> int:
     """The opset must be one we build and the installed ONNX Runtime must run it (probed with a one-node graph)."""
-    import onnx
     import onnxruntime as ort
     from onnx import TensorProto, helper
 
@@ -214,7 +201,7 @@ def write_manifest(folder: Path, bundle: ModelBundle, report: OnnxReport, extra:
     manifest = {"format": "onnx", "variant": report.variant, "dtype": (extra or {}).get("dtype", "float32"),
                 "opset": report.opset, "ir_version": report.ir_version, "family": bundle.config.family,
                 "size_bytes": report.size_bytes, "nodes": report.nodes, "source": bundle.provenance,
-                "versions": _versions(), "verification": report.verification, "warnings": report.warnings,
+                "versions": package_versions("onnx", "onnxruntime", "onnxruntime-genai", "torch", "edge-toolkit"), "verification": report.verification, "warnings": report.warnings,
                 **(extra or {})}
     (folder / "export.json").write_text(json.dumps(manifest, indent=2, default=str) + "\n")
 

@@ -268,8 +268,9 @@ class _Builder:
         nh, nkv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         total = g.op("Gather", [g.op("Shape", ["attention_mask"], "/mask/Shape"), g.const(1)], "/mask/total")
         total32 = g.op("Cast", [total], "/mask/total_int32", to=TensorProto.INT32)
-        batch = g.op("Gather", [g.op("Shape", ["input_ids"], "/mask/ShapeIds"), g.const([0])], "/mask/batch")
-        seq = g.op("Gather", [g.op("Shape", ["input_ids"], "/mask/ShapeIds2"), g.const([1])], "/mask/seq")
+        ids_shape = g.op("Shape", ["input_ids"], "/mask/ShapeIds")
+        batch = g.op("Gather", [ids_shape, g.const([0])], "/mask/batch")
+        seq = g.op("Gather", [ids_shape, g.const([1])], "/mask/seq")
         # every row keeps all slots (left padding included) so the cache layout is the same for the whole batch;
         # padding keys are removed by the additive bias. RoPE then runs on slot indices: a left-padded row is
         # shifted uniformly, and rotary attention scores depend only on relative positions.

@@ -27,7 +27,6 @@ ROW_TIMEOUT = 1800
 class ParityOptions:
     ckpt: Path
     artifacts: list[Path]
-    out: Path
     text: Path | None = None
     ctx: int = 512
     device: str = "auto"
@@ -35,7 +34,6 @@ class ParityOptions:
     repeats: int = 3
     max_kld: float | None = None
     max_ppl_delta: float | None = None
-    force: bool = False
     cache_dir: Path | None = None
     overrides: dict = field(default_factory=dict)
 
@@ -118,48 +116,35 @@ def artifact_format(artifact: Path, runtime: str | None) -> str:
 
 
 def compute_baseline(bundle, chunks: np.ndarray, device: str, dtype: str, progress=None):
-    """Baseline record and NLL per scored position from the reference model, a few chunks per batch."""
+    """The baseline record of every scored position from the reference model, a few chunks per batch."""
     import torch
 
     from toolkit.model import build_model
-    from toolkit.parity.metrics import BaselineRecord, log_softmax
+    from toolkit.parity.metrics import BaselineRecord
     from toolkit.perplexity import scored_positions
 
     torch_dtype = {"float16": torch.float16, "float32": torch.float32}[dtype]
     model = build_model(bundle, torch_dtype, device)
     ctx = chunks.shape[1]
-    records, nll = [], []
+    records = []
     batch = 4
     with torch.no_grad():
         for start in range(0, len(chunks), batch):
             ids = torch.from_numpy(chunks[start:start + batch]).to(device)
             logits = model(ids).float().cpu().numpy()
             for j, row in enumerate(logits):
-                rows = row[scored_positions(ctx)]
-                targets = chunks[start + j, ctx // 2 + 1:]
-                records.append(BaselineRecord.from_logits(rows, targets))
-                nll.append(-log_softmax(rows)[np.arange(len(targets)), targets])
+                records.append(BaselineRecord.from_logits(row[scored_positions(ctx)], chunks[start + j, ctx // 2 + 1:]))
             if progress:
                 progress(min(start + batch, len(chunks)), len(chunks))
-    return BaselineRecord.concat(records), np.concatenate(nll)
+    return BaselineRecord.concat(records)
 
 
 def baseline_speed(bundle, prompt: list[int], device: str, dtype: str, threads: int, repeats: int) -> dict:
-    import statistics
-
     from runtimes import RUNTIMES
+    from toolkit.parity.speed import time_generation
 
     rt = RUNTIMES["torch"].load(bundle, threads=threads, device=device, dtype=dtype)
-    greedy = lambda logits: int(np.argmax(logits))  # noqa: E731
-    rt.generate(prompt[:32], 4, greedy)
-    pre, dec = [], []
-    for _ in range(repeats):
-        g = rt.generate(prompt, BENCH_NEW, greedy)
-        pre.append(g.prefill_tps)
-        dec.append(g.decode_tps)
-    std = (lambda xs: statistics.stdev(xs) if len(xs) > 1 else 0.0)
-    return {"prefill_tps": statistics.median(pre), "prefill_tps_std": std(pre), "decode_tps": statistics.median(dec),
-            "decode_tps_std": std(dec), "label": rt.label}
+    return {**time_generation(rt, prompt, BENCH_NEW, repeats), "label": rt.label}
 
 
 def run_row(artifact: Path, runtime: str, spec: dict, work: Path, index: int) -> dict:
@@ -220,14 +205,13 @@ def evaluate(opts: ParityOptions, progress=None, log=print) -> dict:
     cached = cache.is_file()
     if cached:
         record = BaselineRecord.load(cache)
-        nll = np.load(cache.with_suffix(".nll.npy"))
     else:
-        record, nll = compute_baseline(bundle, chunks.astype(np.int64), device, dtype, progress)
+        record = compute_baseline(bundle, chunks.astype(np.int64), device, dtype, progress)
         cache.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache.with_name(cache.name + f".partial-{os.getpid()}.npz")
         record.save(tmp)
-        np.save(cache.with_suffix(".nll.npy"), nll)
-        os.replace(tmp, cache)  # last: a record on disk always has its NLL beside it
+        os.replace(tmp, cache)
+    nll = -record.target_logp  # the baseline's NLL per scored position
     base = ppl_summary(nll, len(tokens), ctx)
     prompt = [int(t) for t in chunks.reshape(-1)[:min(BENCH_PROMPT, bundle.config.max_position_embeddings - BENCH_NEW)]]
     log(f"baseline: torch {dtype} {device}, PPL {base.ppl:.4f} over {base.n_scored} scored tokens "

@@ -8,15 +8,10 @@ from __future__ import annotations
 
 import json
 import resource
-import statistics
 import sys
 import time
 
 import numpy as np
-
-
-def _median_std(xs: list[float]) -> tuple[float, float]:
-    return statistics.median(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
 
 
 def peak_rss_bytes() -> int:
@@ -45,6 +40,7 @@ def _runs_on_cuda(runtime: str) -> bool:
 def run(spec: dict) -> dict:
     from runtimes import RUNTIMES
     from toolkit.parity.metrics import BaselineRecord, Comparison, compare_rows, summarize
+    from toolkit.parity.speed import time_generation
     from toolkit.perplexity import scored_positions
 
     chunks = np.load(spec["tokens"])
@@ -62,15 +58,7 @@ def run(spec: dict) -> dict:
         rows = np.asarray(rt.logits([int(t) for t in chunk]))[scored_positions(ctx)]
         parts.append(compare_rows(rows, base.slice(i * per, (i + 1) * per)))
     row = summarize(Comparison.concat(parts), spec["baseline_nll_mean"], spec["n_bytes"])
-    greedy = lambda logits: int(np.argmax(logits))  # noqa: E731
-    rt.generate(prompt[:32], 4, greedy)  # warm-up
-    pre, dec = [], []
-    for _ in range(spec["repeats"]):
-        g = rt.generate(prompt, spec["bench_new"], greedy)
-        pre.append(g.prefill_tps)
-        dec.append(g.decode_tps)
-    row["prefill_tps"], row["prefill_tps_std"] = _median_std(pre)
-    row["decode_tps"], row["decode_tps_std"] = _median_std(dec)
+    row.update(time_generation(rt, prompt, spec["bench_new"], spec["repeats"]))
     row["bench"] = f"pp{len(prompt)} tg{spec['bench_new']}"
     row["load_seconds"] = load_seconds
     row["device"] = device
