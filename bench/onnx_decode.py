@@ -4,7 +4,9 @@ the PyTorch CPU reference and llama.cpp Q4_K_M, all measured in this one run (..
 
 Variants: fp32 portable, fp32 ort (fused), int8 (ort graph, dynamic), int4 (ort graph, MatMulNBits g32 sym,
 accuracy_level 4, lm_head 8-bit). Decode: batch 1, a 64-token prompt, 128 greedy tokens one at a time through
-the runtime's KV cache (IO binding for ONNX Runtime), median +- std of --runs runs, 1 and 2 threads.
+the runtime's KV cache (IO binding for ONNX Runtime), 1 and 2 threads. The runs are interleaved -- each round runs
+every artifact once -- so a shared machine's slow and fast spells fall on all of them alike: median +- std of
+--runs rounds, and the int4/Q4_K_M ratio as the median of the per-round ratios.
 PPL: llama-perplexity scoring, chunks of 256, second half scored, on the checkpoint's heldout.txt.
 
 Usage: OMP_WAIT_POLICY=passive bench/onnx_decode.py CKPT [--workdir DIR] [--runs 5] [--threads 1,2]
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -35,12 +38,18 @@ def toolkit(*args: str) -> None:
     print("   ", proc.stderr.strip().splitlines()[-1][:200], file=sys.stderr)
 
 
-def decode_speed(load, prompt: list[int], runs: int) -> tuple[float, float, float]:
-    """(median tok/s, std, median ms/step) of the decode, timed as eval-parity times it."""
-    from toolkit.parity.speed import time_generation
-
-    t = time_generation(load(), prompt, NEW, runs)
-    return t["decode_tps"], t["decode_tps_std"], 1000.0 / t["decode_tps"]
+def interleaved_decode(loaders: dict, prompt: list[int], rounds: int) -> dict[str, list[float]]:
+    """Decode tok/s per round for every runtime; one warm-up each (as eval-parity's timing does), then `rounds`
+    rounds in which each runtime generates once."""
+    greedy = lambda logits: int(np.argmax(logits))  # noqa: E731
+    runtimes = {name: load() for name, load in loaders.items()}
+    for rt in runtimes.values():
+        rt.generate(prompt[:32], 4, greedy)
+    tps: dict[str, list[float]] = {name: [] for name in runtimes}
+    for _ in range(rounds):
+        for name, rt in runtimes.items():
+            tps[name].append(rt.generate(prompt, NEW, greedy).decode_tps)
+    return tps
 
 
 def heldout_ppl(logits_one, tokens: list[int]) -> float:
@@ -106,11 +115,14 @@ def main() -> None:
             ppl[n] = heldout_ppl(rt.logits, tokens)
             print(f"  ppl {n}: {ppl[n]:.4f}", file=sys.stderr)
     threads = [int(t) for t in args.threads.split(",")]
-    speed = {}
+    speed, ratio = {}, {}
     for t in threads:
+        tps = interleaved_decode({n: loader(n, t) for n in names}, prompt, args.runs)
         for n in names:
-            speed[(n, t)] = decode_speed(loader(n, t), prompt, args.runs)
-            print(f"  {n} {t} thread(s): {speed[(n, t)][0]:.1f} tok/s", file=sys.stderr)
+            med = statistics.median(tps[n])
+            speed[(n, t)] = (med, statistics.stdev(tps[n]) if len(tps[n]) > 1 else 0.0, 1000.0 / med)
+            print(f"  {n} {t} thread(s): {med:.1f} tok/s", file=sys.stderr)
+        ratio[t] = statistics.median(a / b for a, b in zip(tps["onnx int4 (ort graph)"], tps["llama.cpp Q4_K_M"]))
 
     base = ppl.get("torch fp32 (reference)")
     head = "| artifact | size MB | PPL | ΔPPL |" + "".join(f" tok/s {t}T (ms/step) |" for t in threads)
@@ -123,9 +135,9 @@ def main() -> None:
                         for t in threads)
         print(f"| {n} | {sizes[n] / 1e6:.1f} | {p:.4f} | {delta} |{cells}" if p else
               f"| {n} | {sizes[n] / 1e6:.1f} | – | – |{cells}")
-    q4 = speed[("llama.cpp Q4_K_M", threads[0])][0]
-    i4 = speed[("onnx int4 (ort graph)", threads[0])][0]
-    print(f"\nint4 ort graph / llama.cpp Q4_K_M decode speed ({threads[0]} thread): {i4 / q4:.2f}x")
+    for t in threads:
+        print(f"\nint4 ort graph / llama.cpp Q4_K_M decode speed, {t} thread(s), median of per-round ratios: "
+              f"{ratio[t]:.2f}x")
 
 
 if __name__ == "__main__":

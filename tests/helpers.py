@@ -30,6 +30,8 @@ def tiny_config(family: str, **kw) -> ArchConfig:
         base.update(MOE)
     if family in ("qwen2_moe", "minimind2_moe"):
         base["shared_expert_intermediate_size"] = 48
+    if family == "nanochat":
+        base["logit_softcap"] = 15.0
     base.update(kw)
     return ArchConfig(**base).validate()
 

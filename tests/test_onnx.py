@@ -18,7 +18,7 @@ from toolkit.checkpoints.hf_writer import save_hf
 from toolkit.errors import VerificationError
 from toolkit.tokenizer import Tokenizer
 
-FAMILIES = ["llama", "qwen2", "qwen3", "qwen3_moe", "qwen2_moe", "minimind2_moe"]
+FAMILIES = ["llama", "qwen2", "qwen3", "qwen3_moe", "qwen2_moe", "minimind2_moe", "nanochat"]
 
 
 def _bundle(family: str, seed: int = 3):
@@ -62,7 +62,7 @@ def test_other_opsets(opset, tmp_path):
     assert ("RMSNormalization" in {n.op_type for n in model.graph.node}) == (opset >= 23)
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "nanochat"])
 def test_ort_fused_fp32_matches_reference(family, tmp_path):
     bundle = _bundle(family)
     export(bundle, tmp_path / "out", "ort", 20)
@@ -152,6 +152,23 @@ def test_genai_runs_the_fused_graph(trained_model, trained_onnx):
         assert genai_ids == ours
         if folder == trained_onnx[0]:
             assert ours == torch_ids
+
+
+def test_in_place_cache_equals_growing_cache(trained_model, trained_onnx, tmp_path):
+    """Generation over GroupQueryAttention's in-place cache buffers gives the same logits, step by step, as feeding
+    each step's present back as past (the path the verification exercises)."""
+    prompt = Tokenizer.from_dir(trained_model).encode("Return the number of", add_bos=False)
+    for folder in trained_onnx:  # ort fp32, int8, int4
+        rt = OnnxRuntime(folder)
+        assert rt.kv_in_place
+        steps = [int(t) for t in np.random.default_rng(0).integers(0, 2048, 20)]
+        runs = []
+        for cache in (rt._cache_in_place, rt._growing_cache):
+            prefill, step = cache(len(prompt) + len(steps))
+            runs.append([prefill(prompt)] + [step(t) for t in steps])
+        assert max(float(np.abs(a - b).max()) for a, b in zip(*runs)) == 0.0
+    export(_bundle("llama"), tmp_path / "portable", "portable", 20)
+    assert not OnnxRuntime(tmp_path / "portable").kv_in_place  # Concat cache: present grows, fed back as past
 
 
 def test_generate_from_onnx_folder(trained_model, trained_onnx):

@@ -26,6 +26,11 @@ class Family:
     shared_expert_gated: bool = False  # shared expert scaled by sigmoid(x . w) (Qwen2-MoE); un-gated in MiniMind2
     gguf_arch: str | None = None  # llama.cpp architecture that computes it identically (None: not decided)
     gguf_permute_qk: bool = False  # llama.cpp's `llama` arch rotates interleaved pairs: q/k rows are permuted
+    gguf_refusal: str = ""  # why no llama.cpp architecture computes it, for the error of `export gguf`
+    mlp: str = "swiglu"  # "swiglu": down(silu(gate(x)) * up(x)); "relu2": fc2(relu(fc1(x))^2), no gate (NanoChat)
+    norm_weights: bool = True  # False: every RMSNorm (QK-norm included) is weightless, x / rms(x)
+    embed_norm: bool = False  # an RMSNorm right after the token embedding
+    rope_sign: int = 1  # -1: queries/keys rotate by -theta (NanoChat), i.e. sin negated
 
 
 FAMILIES: dict[str, Family] = {
@@ -48,12 +53,23 @@ FAMILIES: dict[str, Family] = {
         # exact in floating point.
         Family("minimind2_moe", "MiniMind2 MoE (top-k renormalised + un-gated shared expert)",
                "Qwen2MoeForCausalLM", "qwen2_moe", False, False, True, shared_expert=True),
+        # NanoChat (karpathy/nanochat) era A: the original release, and what transformers' NanoChat computes.
+        # Weightless QK-norm commutes with the rotation, so norm-then-RoPE equals nanochat's RoPE-then-norm.
+        Family("nanochat", "NanoChat era A (ReLU² MLP, weightless RMSNorms incl. after the embedding, QK-norm, "
+                           "RoPE by -theta, softcapped logits)", "NanoChatForCausalLM", "nanochat", False, True, False,
+               mlp="relu2", norm_weights=False, embed_norm=True, rope_sign=-1,
+               gguf_refusal="llama.cpp has no architecture that computes NanoChat: none combines an un-gated "
+                            "ReLU² MLP, weightless RMSNorms with one after the token embedding, and tanh-softcapped "
+                            "logits (gemma2 softcaps but uses GELU and weighted norms; no upstream arch has ReLU²)"),
     )
 }
 
+# NanoChat's F.rms_norm(x, (C,)) passes eps=None: torch.finfo(float32).eps
+NANOCHAT_EPS = 1.1920928955078125e-07
+
 # transformers model_type -> family (what a Hugging Face directory's config.json says)
 HF_MODEL_TYPES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "qwen3_moe": "qwen3_moe",
-                  "qwen2_moe": "qwen2_moe"}
+                  "qwen2_moe": "qwen2_moe", "nanochat": "nanochat"}
 
 
 def family(name: str) -> Family:
@@ -87,6 +103,7 @@ class ArchConfig:
     moe_intermediate_size: int = 0
     norm_topk_prob: bool = True
     shared_expert_intermediate_size: int = 0
+    logit_softcap: float = 0.0  # > 0: logits = c * tanh(logits / c) (NanoChat: 15)
     extra: dict[str, Any] = field(default_factory=dict)  # provenance of choices, never read by the math
 
     @property
@@ -123,21 +140,27 @@ class ArchConfig:
         """Every tensor of the family in Hugging Face naming with its shape."""
         fam, H = self.fam, self.hidden_size
         q, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (self.vocab_size, H),
-                                              "model.norm.weight": (H,)}
+        shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (self.vocab_size, H)}
+        if fam.norm_weights:
+            shapes["model.norm.weight"] = (H,)
         if not self.tie_word_embeddings:
             shapes["lm_head.weight"] = (self.vocab_size, H)
         for i in range(self.num_layers):
             p = f"model.layers.{i}."
-            shapes.update({p + "input_layernorm.weight": (H,), p + "post_attention_layernorm.weight": (H,),
-                           p + "self_attn.q_proj.weight": (q, H), p + "self_attn.k_proj.weight": (kv, H),
+            if fam.norm_weights:
+                shapes.update({p + "input_layernorm.weight": (H,), p + "post_attention_layernorm.weight": (H,)})
+            shapes.update({p + "self_attn.q_proj.weight": (q, H), p + "self_attn.k_proj.weight": (kv, H),
                            p + "self_attn.v_proj.weight": (kv, H), p + "self_attn.o_proj.weight": (H, q)})
             if fam.qkv_bias:
                 shapes.update({p + "self_attn.q_proj.bias": (q,), p + "self_attn.k_proj.bias": (kv,),
                                p + "self_attn.v_proj.bias": (kv,)})
-            if fam.qk_norm:
+            if fam.qk_norm and fam.norm_weights:
                 shapes.update({p + "self_attn.q_norm.weight": (self.head_dim,),
                                p + "self_attn.k_norm.weight": (self.head_dim,)})
+            if fam.mlp == "relu2":
+                shapes.update({p + "mlp.fc1.weight": (self.intermediate_size, H),
+                               p + "mlp.fc2.weight": (H, self.intermediate_size)})
+                continue
             if not fam.moe:
                 shapes.update(_mlp_shapes(p + "mlp.", H, self.intermediate_size))
                 continue
@@ -211,7 +234,8 @@ def _config_from_hf(cfg: dict[str, Any]) -> ArchConfig:
         intermediate_size=int(cfg.get("intermediate_size") or 0), rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
         rope_theta=float(theta), max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)), bos_token_id=cfg.get("bos_token_id"),
-        eos_token_id=eos, pad_token_id=cfg.get("pad_token_id"))
+        eos_token_id=eos, pad_token_id=cfg.get("pad_token_id"),
+        logit_softcap=float(cfg.get("final_logit_softcapping") or 0.0) if fam_name == "nanochat" else 0.0)
     if fam.moe:
         ac.num_experts = int(cfg["num_experts"])
         ac.num_experts_per_tok = int(cfg["num_experts_per_tok"])
@@ -239,7 +263,8 @@ def _refuse_unsupported_hf(cfg: dict[str, Any], fam_name: str) -> None:
             unsupported.append("mlp_only_layers/decoder_sparse_step")
         if fam_name == "qwen2_moe" and not cfg.get("qkv_bias", True):
             unsupported.append("qkv_bias=false")  # the family has q/k/v biases; zero biases express their absence
-    if cfg.get("hidden_act", "silu") != "silu":
+    act = "relu2" if fam_name == "nanochat" else "silu"  # each class's default and only activation
+    if cfg.get("hidden_act", act) != act:
         unsupported.append(f"hidden_act={cfg.get('hidden_act')}")
     if unsupported:
         raise ToolkitError(f"config uses features the toolkit does not compute: {', '.join(unsupported)}",
@@ -276,4 +301,6 @@ def config_to_hf(ac: ArchConfig) -> dict[str, Any]:
         cfg.update(qkv_bias=True, shared_expert_intermediate_size=ac.shared_expert_intermediate_size)
     if ac.family == "minimind2_moe":
         cfg["toolkit_family"] = "minimind2_moe"
+    if fam.hf_model_type == "nanochat":
+        cfg.update(hidden_act="relu2", attention_bias=False, final_logit_softcapping=ac.logit_softcap or None)
     return cfg

@@ -49,6 +49,9 @@ class ModelBundle:
     tensors: dict[str, TensorRef]
     tokenizer: Tokenizer
     provenance: dict[str, Any] = field(default_factory=dict)
+    # a quantized checkpoint's own parts per weight name (loaders of e.g. GPTQ qweight/qzeros/scales/g_idx), for
+    # exporters that can take the codes as they are; `tensors` holds the same weights dequantized
+    quantized_parts: dict[str, Callable[[], dict[str, torch.Tensor]]] = field(default_factory=dict)
 
     @classmethod
     def from_tensors(cls, config: ArchConfig, tensors: dict[str, torch.Tensor], tokenizer: Tokenizer,

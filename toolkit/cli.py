@@ -37,10 +37,11 @@ class Flags:
 # --- options shared by every command that reads a checkpoint --------------------------------------------------
 ArchOpt = Annotated[Optional[str], typer.Option("--arch", help="Override the detected architecture "
                                                                "(llama, qwen2, qwen3, qwen3_moe, qwen2_moe, "
-                                                               "minimind2_moe).")]
+                                                               "minimind2_moe, nanochat).")]
 TokenizerOpt = Annotated[Optional[Path], typer.Option("--tokenizer", help="Folder with tokenizer.json "
                                                                           "(+ tokenizer_config.json); needed for "
-                                                                          "a .pth without one beside it.")]
+                                                                          "a .pth without one beside it. For "
+                                                                          "NanoChat also a tiktoken BPE file.")]
 ConfigOpt = Annotated[Optional[Path], typer.Option("--config", help="JSON with what the weights cannot tell "
                                                                     "(num_attention_heads, num_experts_per_tok, "
                                                                     "rms_norm_eps, rope_theta).")]
@@ -48,6 +49,8 @@ HeadsOpt = Annotated[Optional[int], typer.Option("--num-heads", help="Attention 
                                                                      ".pth (released models use 8).")]
 TopkOpt = Annotated[Optional[int], typer.Option("--experts-per-tok", help="Experts per token of a MiniMind MoE "
                                                                           ".pth (MiniMind2: 2, minimind-3: 1).")]
+StepOpt = Annotated[Optional[int], typer.Option("--step", help="Training step of a NanoChat checkpoint folder "
+                                                                "(default: the latest).")]
 ForceOpt = Annotated[bool, typer.Option(help="Replace an existing output.")]
 VerifyThreadsOpt = Annotated[int, typer.Option(help="CPU threads for verification.")]
 
@@ -57,11 +60,11 @@ def _default_dest(src: Path, suffix: str) -> Path:
     return Path(f"{str(src).rstrip('/').removesuffix('.pth')}{suffix}")
 
 
-def _load(ckpt: Path, arch, tokenizer, config, num_heads, experts_per_tok):
+def _load(ckpt: Path, arch, tokenizer, config, num_heads, experts_per_tok, step=None):
     from toolkit.checkpoints import load_checkpoint
 
     return load_checkpoint(ckpt, arch=arch, tokenizer=tokenizer, config=config, num_heads=num_heads,
-                           experts_per_tok=experts_per_tok)
+                           experts_per_tok=experts_per_tok, step=step)
 
 
 # --- train -----------------------------------------------------------------------------------------------------
@@ -78,12 +81,15 @@ def train(
     tokenizer: Annotated[Optional[Path], typer.Option(help="Use this tokenizer instead of training a byte-level "
                                                            "BPE.")] = None,
     vocab_size: Annotated[int, typer.Option(help="Vocabulary of the trained tokenizer.")] = 4096,
-    arch: Annotated[str, typer.Option(help="llama (MiniMind2-style) or qwen3 (minimind-3-style, QK-norm).")] = "llama",
+    arch: Annotated[str, typer.Option(help="llama (MiniMind2-style), qwen3 (minimind-3-style, QK-norm) or "
+                                           "nanochat (NanoChat era A: ReLU², weightless norms, softcap 15, "
+                                           "untied head, RoPE base 1e4).")] = "llama",
     hidden: Annotated[int, typer.Option(help="Hidden size (multiples of 256 let llama.cpp's K-quants apply).")] = 256,
     layers: Annotated[int, typer.Option(help="Decoder layers.")] = 4,
     heads: Annotated[int, typer.Option(help="Attention heads.")] = 4,
     kv_heads: Annotated[int, typer.Option(help="Key/value heads (GQA).")] = 2,
-    ffn: Annotated[int, typer.Option(help="MLP intermediate size.")] = 768,
+    ffn: Annotated[Optional[int], typer.Option(help="MLP intermediate size. Default: 768; 4 x --hidden for "
+                                                    "nanochat.")] = None,
     seq_len: Annotated[int, typer.Option(help="Training sequence length (and held-out chunk length).")] = 256,
     batch_size: Annotated[int, typer.Option(help="Sequences per micro-batch (per process).")] = 16,
     grad_accum: Annotated[int, typer.Option(help="Micro-batches per optimizer step.")] = 1,
@@ -115,10 +121,10 @@ def train(
     opts = TrainOptions(out=str(dest), texts=[str(t) for t in text or []], with_default_corpus=with_default_corpus,
                         heldout_frac=heldout_frac, tokenizer=str(tokenizer) if tokenizer else None,
                         vocab_size=vocab_size, arch=arch, hidden_size=hidden, num_layers=layers, num_heads=heads,
-                        num_kv_heads=kv_heads, intermediate_size=ffn, seq_len=seq_len, batch_size=batch_size,
-                        grad_accum=grad_accum, steps=steps, lr=lr, warmup=warmup, min_lr=min_lr,
-                        weight_decay=weight_decay, grad_clip=grad_clip, eval_every=eval_every,
-                        save_every=save_every, seed=seed, device=device, threads=threads,
+                        num_kv_heads=kv_heads, intermediate_size=ffn or (4 * hidden if arch == "nanochat" else 768),
+                        seq_len=seq_len, batch_size=batch_size, grad_accum=grad_accum, steps=steps, lr=lr,
+                        warmup=warmup, min_lr=min_lr, weight_decay=weight_decay, grad_clip=grad_clip,
+                        eval_every=eval_every, save_every=save_every, seed=seed, device=device, threads=threads,
                         resume=str(resume) if resume else None, force=force)
     main_rank = int(os.environ.get("RANK", "0")) == 0
     from toolkit.progress import step_progress
@@ -138,10 +144,10 @@ def info(
     ckpt: Annotated[Path, typer.Argument(help="Checkpoint: Hugging Face folder, MiniMind .pth, or a trained run.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
     arch: ArchOpt = None, tokenizer: TokenizerOpt = None, config: ConfigOpt = None, num_heads: HeadsOpt = None,
-    experts_per_tok: TopkOpt = None,
+    experts_per_tok: TopkOpt = None, step: StepOpt = None,
 ):
     """Architecture, parameters, dtype, size, tokenizer and tied embeddings of a checkpoint (reads headers only)."""
-    bundle = _load(ckpt, arch, tokenizer, config, num_heads, experts_per_tok)
+    bundle = _load(ckpt, arch, tokenizer, config, num_heads, experts_per_tok, step)
     cfg, tok = bundle.config, bundle.tokenizer
     size = sum(f.stat().st_size for f in Path(ckpt).rglob("*") if f.is_file()) if Path(ckpt).is_dir() \
         else Path(ckpt).stat().st_size
@@ -194,7 +200,7 @@ def generate(
     threads: Annotated[int, typer.Option(help="CPU threads.")] = 1,
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
     arch: ArchOpt = None, tokenizer: TokenizerOpt = None, config: ConfigOpt = None, num_heads: HeadsOpt = None,
-    experts_per_tok: TopkOpt = None,
+    experts_per_tok: TopkOpt = None, step: StepOpt = None,
 ):
     """Generate text, streamed to stdout; prefill and decode speed go to stderr."""
     from runtimes import RUNTIMES
@@ -240,7 +246,7 @@ def generate(
             rt = RUNTIMES[name].load(model, threads=threads, device=device)
             tok = Tokenizer.from_dir(Path(model) if Path(model).is_dir() else Path(model).parent)
         else:
-            bundle = _load(model, arch, tokenizer, config, num_heads, experts_per_tok)
+            bundle = _load(model, arch, tokenizer, config, num_heads, experts_per_tok, step)
             rt = RUNTIMES[name].load(bundle, threads=threads, device=device)
             tok = bundle.tokenizer
         if chat:
@@ -276,7 +282,7 @@ def convert(
     dtype: Annotated[Optional[str], typer.Option(help="float32, float16 or bfloat16 (default: as stored).")] = None,
     force: ForceOpt = False,
     arch: ArchOpt = None, tokenizer: TokenizerOpt = None, config: ConfigOpt = None, num_heads: HeadsOpt = None,
-    experts_per_tok: TopkOpt = None,
+    experts_per_tok: TopkOpt = None, step: StepOpt = None,
 ):
     """Save any checkpoint as a Hugging Face folder (config.json, safetensors, tokenizer) for transformers."""
     import torch
@@ -291,7 +297,7 @@ def convert(
         raise ToolkitError(f"unknown dtype '{dtype}'", "use float32, float16 or bfloat16")
     dest = out_dir or Path(f"{str(ckpt).rstrip('/')}-hf")
     check_destination(dest, force)
-    bundle = _load(ckpt, arch, tokenizer, config, num_heads, experts_per_tok)
+    bundle = _load(ckpt, arch, tokenizer, config, num_heads, experts_per_tok, step)
     with atomic_output(dest, force, directory=True) as work:
         save_hf(bundle, work, dtypes.get(dtype) if dtype else None)
     err.print(f"{bundle.config.family} ({bundle.config.fam.hf_architecture}), "
@@ -317,7 +323,7 @@ def export_gguf(
     threads: VerifyThreadsOpt = 1,
     force: ForceOpt = False,
     arch: ArchOpt = None, tokenizer: TokenizerOpt = None, config: ConfigOpt = None, num_heads: HeadsOpt = None,
-    experts_per_tok: TopkOpt = None,
+    experts_per_tok: TopkOpt = None, step: StepOpt = None,
 ):
     """GGUF for llama.cpp and Ollama; writes FILE.gguf and FILE.manifest.json."""
     from exporters import get as get_exporter
@@ -325,7 +331,7 @@ def export_gguf(
 
     dest = out_file or _default_dest(ckpt, f"-{outtype}.gguf")
     check_destination(dest, force)
-    bundle = _load(ckpt, arch, tokenizer, config, num_heads, experts_per_tok)
+    bundle = _load(ckpt, arch, tokenizer, config, num_heads, experts_per_tok, step)
     report = get_exporter("gguf").export(bundle, dest, outtype, verify, force, threads, Flags.verbose)
     for line in report.fallbacks:
         err.print(f"[yellow]fallback[/yellow] {line}")
@@ -358,7 +364,7 @@ def export_onnx(
     threads: VerifyThreadsOpt = 1,
     force: ForceOpt = False,
     arch: ArchOpt = None, tokenizer: TokenizerOpt = None, config: ConfigOpt = None, num_heads: HeadsOpt = None,
-    experts_per_tok: TopkOpt = None,
+    experts_per_tok: TopkOpt = None, step: StepOpt = None,
 ):
     """ONNX (fp32) for ONNX Runtime: model.onnx + model.onnx.data with a KV cache, tokenizer and export.json."""
     from exporters import get as get_exporter
@@ -368,7 +374,7 @@ def export_onnx(
     dest = out_dir or _default_dest(ckpt, f"-onnx-{variant}")
     check_destination(dest, force)
     check_opset(opset)
-    bundle = _load(ckpt, arch, tokenizer, config, num_heads, experts_per_tok)
+    bundle = _load(ckpt, arch, tokenizer, config, num_heads, experts_per_tok, step)
     check_variant(bundle, variant)
     report = get_exporter("onnx").export(bundle, dest, variant, opset, verify, force, threads)
     v = report.verification
@@ -386,12 +392,14 @@ app.add_typer(quantize_app, name="quantize")
 
 SourceVariantOpt = Annotated[str, typer.Option(help="Variant when SRC is a checkpoint.")]
 SourceOpsetOpt = Annotated[int, typer.Option(help="Opset when SRC is a checkpoint.")]
-FormatOpt = Annotated[str, typer.Option("--format", help="onnx: quantize an ONNX export folder (a checkpoint is "
-                                                          "exported first, --variant ort).")]
+FormatOpt = Annotated[str, typer.Option("--format", help="hf: a quantized checkpoint (Hugging Face folder); onnx: "
+                                                          "a quantized ONNX export folder (a checkpoint is exported "
+                                                          "first, --variant ort); auto: onnx when SRC is an ONNX "
+                                                          "export folder, else hf.")]
 
 
 def _onnx_source(src: Path, variant: str, opset: int, work: Path, arch, tokenizer, config, num_heads,
-                 experts_per_tok, threads: int):
+                 experts_per_tok, step, threads: int):
     """The folder with model.onnx: an export folder as it is, or a checkpoint exported first into `work`."""
     from runtimes.onnxruntime import MODEL_FILE
 
@@ -401,7 +409,7 @@ def _onnx_source(src: Path, variant: str, opset: int, work: Path, arch, tokenize
     from exporters.onnx import export as export_onnx_folder
 
     check_opset(opset)
-    bundle = _load(src, arch, tokenizer, config, num_heads, experts_per_tok)
+    bundle = _load(src, arch, tokenizer, config, num_heads, experts_per_tok, step)
     check_variant(bundle, variant)
     folder = work / "fp32"
     err.print(f"exporting {src} to ONNX ({variant}, opset {opset}) first")
@@ -433,54 +441,138 @@ def _quantize_onnx(kind: str, src: Path, dest: Path | None, force: bool, variant
 
 @quantize_app.command("int8")
 def quantize_int8(
-    src: Annotated[Path, typer.Argument(help="ONNX export folder, or a checkpoint (exported first).")],
+    src: Annotated[Path, typer.Argument(help="A checkpoint, or an ONNX export folder (--format onnx).")],
     out_dir: Annotated[Optional[Path], typer.Option("-o", "--out", help="Output folder.")] = None,
-    fmt: FormatOpt = "onnx",
+    fmt: FormatOpt = "auto",
     variant: SourceVariantOpt = "ort",
     opset: SourceOpsetOpt = 20,
     threads: VerifyThreadsOpt = 1,
     force: ForceOpt = False,
     arch: ArchOpt = None, tokenizer: TokenizerOpt = None, config: ConfigOpt = None, num_heads: HeadsOpt = None,
-    experts_per_tok: TopkOpt = None,
+    experts_per_tok: TopkOpt = None, step: StepOpt = None,
 ):
-    """INT8: ONNX Runtime dynamic quantization (int8 weights per output channel, activations quantized per call),
-    every MatMul including the lm_head."""
-    _require_format(fmt)
-    _quantize_onnx("int8", src, out_dir, force, variant, opset, threads,
-                   (arch, tokenizer, config, num_heads, experts_per_tok))
+    """INT8. hf: weight-only, symmetric per output channel (int8 weights + fp32 scales, quant_method toolkit_int8)
+    for every linear layer of the decoder blocks. onnx: ONNX Runtime dynamic quantization (int8 weights per output
+    channel, activations quantized per call), every MatMul including the lm_head."""
+    loader_args = (arch, tokenizer, config, num_heads, experts_per_tok, step)
+    if _format(fmt, src) == "onnx":
+        _quantize_onnx("int8", src, out_dir, force, variant, opset, threads, loader_args)
+    else:
+        _quantize_checkpoint("int8", src, out_dir, force, loader_args, None, "cpu")
 
 
 @quantize_app.command("int4")
 def quantize_int4(
-    src: Annotated[Path, typer.Argument(help="ONNX export folder, or a checkpoint (exported first).")],
+    src: Annotated[Path, typer.Argument(help="A checkpoint, or an ONNX export folder (--format onnx).")],
     out_dir: Annotated[Optional[Path], typer.Option("-o", "--out", help="Output folder.")] = None,
-    fmt: FormatOpt = "onnx",
-    group_size: Annotated[int, typer.Option(help="Weights per scale (16, 32, 64, 128 or 256).")] = 32,
-    lm_head_bits: Annotated[int, typer.Option(help="Bits of the lm_head (8 keeps the most sensitive matmul "
+    fmt: FormatOpt = "auto",
+    method: Annotated[str, typer.Option(help="hf: gptq (calibrated, error-compensating) or rtn "
+                                             "(round-to-nearest). onnx: always RTN (MatMulNBits).")] = "gptq",
+    group_size: Annotated[Optional[int], typer.Option(help="Weights per scale: 32, 64, 128 or -1 (one per row). "
+                                                           "Default: 128 (hf), 32 (onnx).")] = None,
+    sym: Annotated[bool, typer.Option("--sym/--asym", help="Symmetric grid (zero point 8) or asymmetric "
+                                                           "(min/max per group). hf only.")] = True,
+    act_order: Annotated[bool, typer.Option(help="GPTQ: quantize columns in order of decreasing Hessian "
+                                                 "diagonal (static groups, so g_idx stays i // group).")] = False,
+    calib: Annotated[Optional[Path], typer.Option(help="GPTQ calibration text. Default: the checkpoint's "
+                                                       "calib.txt (a sample of its training split).")] = None,
+    nsamples: Annotated[int, typer.Option(help="GPTQ: calibration samples (at most).")] = 128,
+    seqlen: Annotated[int, typer.Option(help="GPTQ: tokens per calibration sample.")] = 512,
+    damp: Annotated[float, typer.Option(help="GPTQ: dampening, as a fraction of the mean Hessian diagonal "
+                                             "(raised ×10 and reported if Cholesky fails).")] = 0.01,
+    device: Annotated[str, typer.Option(help="GPTQ compute device: auto, cpu or cuda.")] = "auto",
+    lm_head_bits: Annotated[int, typer.Option(help="onnx: bits of the lm_head (8 keeps the most sensitive matmul "
                                                    "accurate; 4 is smaller).")] = 8,
     variant: SourceVariantOpt = "ort",
     opset: SourceOpsetOpt = 20,
     threads: VerifyThreadsOpt = 1,
     force: ForceOpt = False,
     arch: ArchOpt = None, tokenizer: TokenizerOpt = None, config: ConfigOpt = None, num_heads: HeadsOpt = None,
-    experts_per_tok: TopkOpt = None,
+    experts_per_tok: TopkOpt = None, step: StepOpt = None,
 ):
-    """INT4: MatMulNBits (symmetric, blockwise round-to-nearest, accuracy_level=4: int8 activations in the dot
-    products), lm_head at --lm-head-bits."""
-    _require_format(fmt)
-    if group_size not in (16, 32, 64, 128, 256):
-        raise ToolkitError(f"--group-size {group_size} is not supported by MatMulNBits",
-                           "choose 16, 32, 64, 128 or 256")
-    if lm_head_bits not in (4, 8):
-        raise ToolkitError(f"--lm-head-bits {lm_head_bits} is not supported", "choose 4 or 8")
-    _quantize_onnx("int4", src, out_dir, force, variant, opset, threads,
-                   (arch, tokenizer, config, num_heads, experts_per_tok), group_size=group_size,
-                   lm_head_bits=lm_head_bits)
+    """INT4. hf: GPTQ or RTN of every linear layer of the decoder blocks, saved as GPTQ-v1 tensors (qweight,
+    qzeros, scales, g_idx; quant_method gptq). onnx: MatMulNBits (symmetric, blockwise round-to-nearest,
+    accuracy_level=4: int8 activations in the dot products), lm_head at --lm-head-bits; a GPTQ checkpoint's
+    weights go into MatMulNBits as they are."""
+    loader_args = (arch, tokenizer, config, num_heads, experts_per_tok, step)
+    if _format(fmt, src) == "onnx":
+        group_size = group_size or 32
+        if group_size not in (16, 32, 64, 128, 256):
+            raise ToolkitError(f"--group-size {group_size} is not supported by MatMulNBits",
+                               "choose 16, 32, 64, 128 or 256")
+        if lm_head_bits not in (4, 8):
+            raise ToolkitError(f"--lm-head-bits {lm_head_bits} is not supported", "choose 4 or 8")
+        _quantize_onnx("int4", src, out_dir, force, variant, opset, threads, loader_args, group_size=group_size,
+                       lm_head_bits=lm_head_bits)
+        return
+    from quant.checkpoint import Int4Options
+
+    if method not in ("gptq", "rtn"):
+        raise ToolkitError(f"unknown --method '{method}'", "use gptq or rtn")
+    if seqlen < 1 or nsamples < 1 or not 0 < damp <= 1:
+        raise ToolkitError("--seqlen and --nsamples must be positive and --damp in (0, 1]",
+                           "the defaults are 512, 128 and 0.01")
+    opts = Int4Options(method=method, group_size=group_size or 128, sym=sym, act_order=act_order, damp=damp,
+                       nsamples=nsamples, seqlen=seqlen, calib=calib)
+    _quantize_checkpoint("int4", src, out_dir, force, loader_args, opts, device)
 
 
-def _require_format(fmt: str) -> None:
-    if fmt != "onnx":
-        raise ToolkitError(f"unknown --format '{fmt}'", "use --format onnx")
+def _format(fmt: str, src: Path) -> str:
+    from runtimes.onnxruntime import MODEL_FILE
+
+    if fmt not in ("auto", "hf", "onnx"):
+        raise ToolkitError(f"unknown --format '{fmt}'", "use hf, onnx or auto")
+    if fmt == "auto":
+        return "onnx" if (src / MODEL_FILE).is_file() else "hf"
+    return fmt
+
+
+def _quantize_checkpoint(kind: str, src: Path, dest: Path | None, force: bool, loader_args: tuple, opts,
+                         device: str) -> None:
+    import shutil
+
+    from quant.checkpoint import check_group_size, quantize_checkpoint, refuse_quantized
+    from toolkit.outputs import atomic_output, check_destination
+    from toolkit.progress import count_progress
+
+    suffix = "-int8" if kind == "int8" else f"-{opts.method}4-g{opts.group_size}"
+    dest = dest or _default_dest(src, suffix)
+    check_destination(dest, force)
+    bundle = _load(src, *loader_args)
+    refuse_quantized(bundle)
+    if opts is not None:
+        check_group_size(bundle, opts.group_size)
+        if opts.method == "gptq":
+            from quant.checkpoint import calibration_ids
+
+            calibration_ids(bundle, opts)  # bad calibration text fails before any work
+    if device == "auto":
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    what = "layers" if opts is not None and opts.method == "gptq" else "linear layers"
+    with atomic_output(dest, force, directory=True) as work:
+        with count_progress(err, f"{kind} {what}") as progress:
+            try:
+                report = quantize_checkpoint(bundle, work, kind, opts, device, progress)
+            except FloatingPointError as e:
+                raise ToolkitError(f"quantization failed: {e}", "raise --damp or give more calibration text")
+        base = Path(bundle.provenance.get("path", src))
+        for side in ("heldout.txt", "calib.txt"):  # the baseline's texts travel with the quantized model
+            file = (base if base.is_dir() else base.parent) / side
+            if file.is_file():
+                shutil.copy2(file, work / side)
+        (work / "quantization.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+    size = sum(f.stat().st_size for f in dest.glob("*.safetensors"))
+    extra = ""
+    if "calibration" in report:
+        c = report["calibration"]
+        extra = f", calibrated on {c['samples']} x {c['seqlen']} tokens"
+    if report.get("damp_raised"):
+        extra += f"; dampening raised for {len(report['damp_raised'])} layers (Cholesky failed)"
+    err.print(f"{kind} {report['quantized_linears']} linear layers in {report['seconds']:.1f} s{extra}; "
+              f"weights {size / 1e6:.1f} MB")
+    print(dest)
 
 
 # --- eval-parity -----------------------------------------------------------------------------------------------
@@ -502,9 +594,13 @@ def eval_parity(
     max_kld: Annotated[Optional[float], typer.Option(help="Gate: exit 1 if a row's mean KLD exceeds this.")] = None,
     max_ppl_delta: Annotated[Optional[float], typer.Option(help="Gate: exit 1 if a row's PPL exceeds the "
                                                                 "baseline's by more than this many percent.")] = None,
+    with_: Annotated[Optional[str], typer.Option("--with", help="Also rows of the checkpoint quantized in memory by "
+                                                                "bitsandbytes: bnb-int8 (LLM.int8, threshold 6.0), "
+                                                                "bnb-nf4 (NF4, double quantization); comma-separated."
+                                                    )] = None,
     force: Annotated[bool, typer.Option(help="Replace an existing report folder.")] = False,
     arch: ArchOpt = None, tokenizer: TokenizerOpt = None, config: ConfigOpt = None, num_heads: HeadsOpt = None,
-    experts_per_tok: TopkOpt = None,
+    experts_per_tok: TopkOpt = None, step: StepOpt = None,
 ):
     """Put the baseline and every artifact on the same text: PPL, bits per byte, KLD, same-top-token, RMS Δp,
     prefill/decode speed, size, peak memory. Each artifact runs in a fresh process; a row that fails is reported and
@@ -517,13 +613,24 @@ def eval_parity(
 
     if threads <= 0 or repeats <= 0:
         raise ToolkitError("--threads and --repeats must be positive", "pass e.g. --threads 1 --repeats 3")
+    from runtimes import RUNTIMES
+    from toolkit.parity import WITH_RUNTIMES
+
+    with_runtimes = []
+    for name in [n.strip() for n in (with_ or "").split(",") if n.strip()]:
+        if name not in WITH_RUNTIMES:
+            raise ToolkitError(f"unknown --with '{name}'", f"choose from: {', '.join(WITH_RUNTIMES)}")
+        if WITH_RUNTIMES[name] not in RUNTIMES:
+            raise ToolkitError(f"--with {name} needs bitsandbytes, which is not installed",
+                               "pip install 'edge-toolkit[quant]' (bitsandbytes==0.50.2)")
+        with_runtimes.append(WITH_RUNTIMES[name])
     dest = out_dir or _default_dest(ckpt, "-parity")
     check_destination(dest, force)
     overrides = {k: v for k, v in dict(arch=arch, tokenizer=tokenizer, config=config, num_heads=num_heads,
-                                       experts_per_tok=experts_per_tok).items() if v is not None}
+                                       experts_per_tok=experts_per_tok, step=step).items() if v is not None}
     opts = ParityOptions(ckpt=ckpt, artifacts=list(artifacts or []), text=text, ctx=ctx, device=device,
                          threads=threads, repeats=repeats, max_kld=max_kld, max_ppl_delta=max_ppl_delta,
-                         overrides=overrides)
+                         overrides=overrides, with_runtimes=with_runtimes)
     with count_progress(err, "baseline chunks") as progress:
         result = evaluate(opts, progress=progress, log=lambda line: err.print(line))
     with atomic_output(dest, force, directory=True) as work:

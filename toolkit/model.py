@@ -1,7 +1,7 @@
 """Reference PyTorch decoder for every family of the architecture table.
 
 Parameter names are the Hugging Face names, so a bundle's tensors load without renaming. The math follows
-transformers' Llama/Qwen2/Qwen3/Qwen3-MoE/Qwen2-MoE classes (tests hold it to them within 1e-4 in fp32).
+transformers' Llama/Qwen2/Qwen3/Qwen3-MoE/Qwen2-MoE/NanoChat classes (tests hold it to them within 1e-4 in fp32).
 
 Generation uses a preallocated KV cache and an explicit boolean mask on every cached step: SDPA's `is_causal=True`
 aligns its triangle to the top-left corner, which is wrong once queries start at a past offset.
@@ -17,16 +17,16 @@ from toolkit.bundle import ModelBundle
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
+    def __init__(self, dim: int, eps: float, weighted: bool = True):
         super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.weight = nn.Parameter(torch.ones(dim)) if weighted else None  # NanoChat's norms have no weight
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        return x.to(dtype) if self.weight is None else self.weight * x.to(dtype)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -37,9 +37,11 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 class RotaryTable:
     """cos/sin for given positions, computed in fp32 as transformers does, then cast to the activations' dtype."""
 
-    def __init__(self, head_dim: int, theta: float):
+    def __init__(self, head_dim: int, theta: float, sign: int = 1):
         # made on the CPU explicitly: build_model constructs modules under torch.device("meta")
-        self.inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").float() / head_dim))
+        exponents = torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").float() / head_dim
+        self.inv_freq = 1.0 / (theta ** exponents)
+        self.sign = sign  # -1: rotation by -theta (NanoChat), which is the standard rotation with sin negated
         self._by_device: dict[torch.device, torch.Tensor] = {}
 
     def __call__(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -48,7 +50,8 @@ class RotaryTable:
             inv = self._by_device[positions.device] = self.inv_freq.to(positions.device)
         freqs = positions.float()[..., None] * inv  # [B, T, hd/2]
         emb = torch.cat((freqs, freqs), dim=-1)
-        return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]  # [B, 1, T, hd]
+        sin = emb.sin() if self.sign > 0 else -emb.sin()
+        return emb.cos().to(dtype)[:, None], sin.to(dtype)[:, None]  # [B, 1, T, hd]
 
 
 class MLP(nn.Module):
@@ -60,6 +63,18 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class ReluSquaredMLP(nn.Module):
+    """NanoChat's MLP: fc2(relu(fc1(x))^2), no gate."""
+
+    def __init__(self, hidden: int, inter: int):
+        super().__init__()
+        self.fc1 = nn.Linear(hidden, inter, bias=False)
+        self.fc2 = nn.Linear(inter, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.relu(self.fc1(x)).square())
 
 
 class MoE(nn.Module):
@@ -120,8 +135,8 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.hidden_size, self.nkv * self.hd, bias=fam.qkv_bias)
         self.v_proj = nn.Linear(cfg.hidden_size, self.nkv * self.hd, bias=fam.qkv_bias)
         self.o_proj = nn.Linear(self.nh * self.hd, cfg.hidden_size, bias=False)
-        self.q_norm = RMSNorm(self.hd, cfg.rms_norm_eps) if fam.qk_norm else None
-        self.k_norm = RMSNorm(self.hd, cfg.rms_norm_eps) if fam.qk_norm else None
+        self.q_norm = RMSNorm(self.hd, cfg.rms_norm_eps, fam.norm_weights) if fam.qk_norm else None
+        self.k_norm = RMSNorm(self.hd, cfg.rms_norm_eps, fam.norm_weights) if fam.qk_norm else None
 
     def forward(self, x, cos, sin, mask, cache: KVCache | None, layer: int) -> torch.Tensor:
         B, T, _ = x.shape
@@ -151,10 +166,16 @@ class Attention(nn.Module):
 class Block(nn.Module):
     def __init__(self, cfg: ArchConfig):
         super().__init__()
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        fam = cfg.fam
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, fam.norm_weights)
         self.self_attn = Attention(cfg)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = MoE(cfg) if cfg.fam.moe else MLP(cfg.hidden_size, cfg.intermediate_size)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, fam.norm_weights)
+        if fam.moe:
+            self.mlp = MoE(cfg)
+        elif fam.mlp == "relu2":
+            self.mlp = ReluSquaredMLP(cfg.hidden_size, cfg.intermediate_size)
+        else:
+            self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size)
 
     def forward(self, x, cos, sin, mask, cache, layer):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer)
@@ -166,7 +187,9 @@ class Body(nn.Module):
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.fam.norm_weights)
+        # NanoChat normalises the embeddings too (weightless, so the final norm's module serves both)
+        self.embed_norm = cfg.fam.embed_norm
 
 
 class Decoder(nn.Module):
@@ -177,7 +200,7 @@ class Decoder(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-        self.rope = RotaryTable(cfg.head_dim, cfg.rope_theta)
+        self.rope = RotaryTable(cfg.head_dim, cfg.rope_theta, cfg.fam.rope_sign)
 
     def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None,
                 attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
@@ -200,6 +223,8 @@ class Decoder(nn.Module):
         if cache is not None or attention_mask is not None:
             mask = self._mask(B, T, past, cache, attention_mask, input_ids.device)
         x = self.model.embed_tokens(input_ids)
+        if self.model.embed_norm:
+            x = self.model.norm(x)
         cos, sin = self.rope(position_ids, x.dtype)
         for i, layer in enumerate(self.model.layers):
             x = layer(x, cos, sin, mask, cache, i)
@@ -207,7 +232,11 @@ class Decoder(nn.Module):
             cache.pos += T
         if last_only:
             x = x[:, -1:]
-        return self.lm_head(self.model.norm(x))
+        logits = self.lm_head(self.model.norm(x))
+        cap = self.config.logit_softcap
+        if cap:
+            logits = (cap * torch.tanh(logits.float() / cap)).to(logits.dtype)
+        return logits
 
     @staticmethod
     def _mask(B, T, past, cache, attention_mask, device) -> torch.Tensor:
@@ -253,6 +282,7 @@ def init_weights(model: Decoder, seed: int = 0, std: float = 0.02) -> Decoder:
             elif name.endswith(".bias"):
                 p.zero_()
             else:
-                scale = std / (2 * n_layers) ** 0.5 if name.endswith(("o_proj.weight", "down_proj.weight")) else std
+                residual = name.endswith(("o_proj.weight", "down_proj.weight", "fc2.weight"))
+                scale = std / (2 * n_layers) ** 0.5 if residual else std
                 p.copy_(torch.randn(p.shape, generator=g) * scale)
     return model

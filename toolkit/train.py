@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from toolkit.arch import ArchConfig
+from toolkit.arch import NANOCHAT_EPS, ArchConfig
 from toolkit.bundle import ModelBundle
 from toolkit.checkpoints.hf_writer import save_hf
 from toolkit.corpus import default_corpus
@@ -183,9 +183,13 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+TRAINABLE = ("llama", "qwen3", "nanochat")
+
+
 def build_config(opts: TrainOptions, tokenizer: Tokenizer) -> ArchConfig:
-    if opts.arch not in ("llama", "qwen3"):
-        raise ToolkitError(f"toolkit train builds llama or qwen3 models, not '{opts.arch}'", "use --arch llama|qwen3")
+    if opts.arch not in TRAINABLE:
+        raise ToolkitError(f"toolkit train builds {', '.join(TRAINABLE)} models, not '{opts.arch}'",
+                           "use --arch " + "|".join(TRAINABLE))
     if opts.num_heads <= 0 or opts.hidden_size % opts.num_heads:
         raise ToolkitError(f"{opts.num_heads} heads do not divide hidden size {opts.hidden_size}",
                            "choose --heads that divides --hidden")
@@ -195,6 +199,9 @@ def build_config(opts: TrainOptions, tokenizer: Tokenizer) -> ArchConfig:
                      rms_norm_eps=opts.rms_norm_eps, rope_theta=opts.rope_theta,
                      max_position_embeddings=max(2048, opts.seq_len), tie_word_embeddings=True,
                      bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id)
+    if opts.arch == "nanochat":  # NanoChat era A as released: untied head, RoPE base 1e4, softcap 15, fp32 eps
+        cfg.tie_word_embeddings = False
+        cfg.rope_theta, cfg.logit_softcap, cfg.rms_norm_eps = 1e4, 15.0, NANOCHAT_EPS
     return cfg.validate()
 
 

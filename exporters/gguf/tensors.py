@@ -37,6 +37,7 @@ class PlannedTensor:
     load: Callable[[], torch.Tensor]  # data in numpy order, in the source's dtype
     sources: tuple[str, ...]  # bundle tensors it holds (several: experts stacked on axis 0)
     fallback: str = ""  # why the requested type could not be used
+    blocks: Callable[[], np.ndarray] | None = None  # ready-made quantized blocks (GPTQ codes repacked), else None
 
     @property
     def nbytes(self) -> int:
@@ -46,6 +47,8 @@ class PlannedTensor:
         return int(np.prod(byte_shape)) * item
 
     def data(self) -> np.ndarray:
+        if self.blocks is not None:
+            return self.blocks()
         x = self.load()
         if self.qtype == gguf.GGMLQuantizationType.F16:
             return x.to(torch.float16).numpy()  # straight from bf16/f32 in torch: no float32 round trip
@@ -63,6 +66,9 @@ def gguf_arch(bundle: ModelBundle) -> str:
                            f"top-k expert weights; this {cfg.family} model "
                            f"{'does not' if RENORMALISES[arch] else 'does'}, so no GGUF computes it exactly",
                            "this model cannot be exported to GGUF without changing its numbers")
+    if arch not in ARCHS and cfg.fam.gguf_refusal:
+        raise ToolkitError(cfg.fam.gguf_refusal, "export it to ONNX instead (`toolkit export onnx`); a GGUF "
+                                                 "written anyway would run with different numbers")
     if arch not in ARCHS:
         raise ToolkitError(f"no llama.cpp architecture computes {bundle.config.family} exactly in this version",
                            f"GGUF export supports: {', '.join(f for f, fam in _families() if fam in ARCHS)}")
@@ -104,10 +110,17 @@ def plan(bundle: ModelBundle, outtype: str) -> Iterator[PlannedTensor]:
         gname = f"{gname}.{suffix}"
         loader = _loader(bundle, name, cfg)
         qtype, why = _tensor_type(gname, ref.shape, outtype)
-        yield PlannedTensor(gname, tuple(ref.shape), qtype, loader, (name,), why)
+        if bundle.quantized_parts and name not in bundle.quantized_parts and len(ref.shape) == 2 and qtype not in (
+                gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.BF16):
+            # a quantized checkpoint keeps its embedding and head at full precision; so does the file
+            qtype, why = gguf.GGMLQuantizationType.F16, "not quantized in the source checkpoint"
+        blocks = _q4_0_from_gptq(bundle, name, cfg) if qtype == gguf.GGMLQuantizationType.Q4_0 else None
+        yield PlannedTensor(gname, tuple(ref.shape), qtype, loader, (name,), why, blocks)
     if cfg.tie_word_embeddings and arch not in TIED_FALLBACK:
         embed = "model.embed_tokens.weight"
         qtype, why = _tensor_type("output.weight", bundle.tensors[embed].shape, outtype)
+        if bundle.quantized_parts and qtype not in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
+            qtype, why = gguf.GGMLQuantizationType.F16, "not quantized in the source checkpoint"
         yield PlannedTensor("output.weight", tuple(bundle.tensors[embed].shape), qtype,
                             _loader(bundle, embed, cfg), (embed,), why)
     for (layer, proj), names in sorted(experts.items()):
@@ -117,6 +130,37 @@ def plan(bundle: ModelBundle, outtype: str) -> Iterator[PlannedTensor]:
         qtype, why = _tensor_type(gname, shape, outtype)
         yield PlannedTensor(gname, shape, qtype, lambda names=names: torch.stack([_checked(bundle, n) for n in names]),
                             tuple(names), why)
+
+
+def gptq_q4_0_exact(bundle: ModelBundle) -> bool:
+    """A GPTQ checkpoint whose grid is Q4_0's: symmetric, groups of 32 along the input, fp16 scales; then
+    w = scale * (code - 8) is Q4_0's d * (q - 8) with q = code, d = scale."""
+    q = bundle.provenance.get("quantization") or {}
+    return q.get("quant_method") == "gptq" and q.get("bits") == 4 and q.get("sym") and q.get("group_size") == 32
+
+
+def _q4_0_from_gptq(bundle: ModelBundle, name: str, cfg) -> Callable[[], np.ndarray] | None:
+    parts = bundle.quantized_parts.get(name)
+    if parts is None or not gptq_q4_0_exact(bundle):
+        return None
+
+    def blocks() -> np.ndarray:
+        from quant import gptq_format
+
+        codes, scales, zeros, g_idx = gptq_format.unpack(parts())
+        if not bool((zeros == 8).all()) or not torch.equal(g_idx, torch.arange(codes.shape[1]) // 32):
+            raise ToolkitError(f"{name}: GPTQ zero points or g_idx are not Q4_0's", "export with --outtype q8_0")
+        scales = scales.T.contiguous()  # [out, groups]
+        heads = pair_permuted_heads(name, cfg)
+        if heads:  # the same row order llama.cpp's q/k rows get
+            codes, scales = half_to_pairs(codes.float(), heads).long(), half_to_pairs(scales, heads)
+        rows, cols = codes.shape
+        q = codes.reshape(rows, cols // 32, 32).to(torch.uint8).numpy()
+        qs = q[:, :, :16] | (q[:, :, 16:] << 4)  # element j in the low nibble, j + 16 in the high one
+        d = scales.to(torch.float16).numpy().reshape(rows, cols // 32, 1).view(np.uint8)
+        return np.concatenate([d, qs], axis=-1).reshape(rows, -1)
+
+    return blocks
 
 
 def _checked(bundle: ModelBundle, name: str) -> torch.Tensor:

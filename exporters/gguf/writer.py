@@ -106,4 +106,12 @@ def write_manifest(report: GGUFReport, bundle: ModelBundle, path: Path) -> None:
                 "bits_per_weight": report.bits_per_weight, "tensor_types": report.tensor_types,
                 "fallbacks": report.fallbacks, "warnings": report.warnings,
                 "source": bundle.provenance, "versions": versions, "verification": report.verification}
+    if bundle.provenance.get("quantization"):
+        from exporters.gguf.tensors import gptq_q4_0_exact
+
+        exact = report.outtype == "q4_0" and gptq_q4_0_exact(bundle)
+        manifest["from_quantized_checkpoint"] = (
+            "Q4_0 blocks repacked from the GPTQ codes and fp16 scales (lossless)" if exact else
+            f"{report.outtype} written from the checkpoint's dequantized weights (re-quantized where the type is "
+            "quantized; only symmetric GPTQ with group size 32 maps onto Q4_0 exactly)")
     path.write_text(json.dumps(manifest, indent=2, default=str) + "\n")

@@ -201,8 +201,13 @@ def write_manifest(folder: Path, bundle: ModelBundle, report: OnnxReport, extra:
     manifest = {"format": "onnx", "variant": report.variant, "dtype": (extra or {}).get("dtype", "float32"),
                 "opset": report.opset, "ir_version": report.ir_version, "family": bundle.config.family,
                 "size_bytes": report.size_bytes, "nodes": report.nodes, "source": bundle.provenance,
-                "versions": package_versions("onnx", "onnxruntime", "onnxruntime-genai", "torch", "edge-toolkit"), "verification": report.verification, "warnings": report.warnings,
-                **(extra or {})}
+                "versions": package_versions("onnx", "onnxruntime", "onnxruntime-genai", "torch", "edge-toolkit"),
+                "verification": report.verification, "warnings": report.warnings, **(extra or {})}
+    if bundle.provenance.get("quantization"):
+        imported = report.nodes.get("MatMulNBits", 0)
+        manifest["from_quantized_checkpoint"] = (
+            f"GPTQ codes, scales and zero points imported into {imported} MatMulNBits nodes as they are "
+            "(accuracy_level 0)" if imported else "the checkpoint's dequantized weights, in fp32")
     (folder / "export.json").write_text(json.dumps(manifest, indent=2, default=str) + "\n")
 
 

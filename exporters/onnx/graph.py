@@ -93,18 +93,59 @@ class _Builder:
         self.eps = float(self.cfg.rms_norm_eps)
 
     # --- shared pieces ---
-    def rms(self, x: str, weight: str, name: str) -> str:
+    def norm_weight(self, name: str, size: int) -> str:
+        """The norm's weight, or ones where the family's norms are weightless (NanoChat): fused norm ops need one."""
+        if name in self.bundle.tensors:
+            return self.g.weight(name, _np(self.bundle, name))
+        return self.g.const(np.ones(size, np.float32), np.float32)
+
+    def rms(self, x: str, weight: str, name: str, size: int) -> str:
         g = self.g
-        w = g.weight(weight, _np(self.bundle, weight))
         if g.opset >= 23:
-            return g.op("RMSNormalization", [x, w], name, axis=-1, epsilon=self.eps, stash_type=1)
+            return g.op("RMSNormalization", [x, self.norm_weight(weight, size)], name, axis=-1, epsilon=self.eps,
+                        stash_type=1)
         mean_sq = g.reduce_mean_last(g.op("Mul", [x, x], f"{name}/square"), f"{name}/mean")
         inv = g.op("Reciprocal", [g.op("Sqrt", [g.op("Add", [mean_sq, g.const(self.eps, np.float32)], f"{name}/eps")],
                                        f"{name}/sqrt")], f"{name}/inv")
-        return g.op("Mul", [g.op("Mul", [x, inv], f"{name}/scale"), w], f"{name}/weight")
+        scaled = g.op("Mul", [x, inv], f"{name}/scale")
+        if weight not in self.bundle.tensors:  # weightless norm
+            return scaled
+        return g.op("Mul", [scaled, self.norm_weight(weight, size)], f"{name}/weight")
+
+    def gptq_matmul(self, x: str, weights: list[str], name: str) -> str | None:
+        """MatMulNBits straight from a GPTQ checkpoint's codes, scales and zero points (ort variant): the weights
+        the checkpoint holds, not a re-quantization. accuracy_level 0 (fp32 compute), so the export verifies
+        within 1e-4 against the dequantized weights; `quantize int4 --format onnx` switches it to 4. Several
+        weights (packed q/k/v, gate/up) are stacked along N. None where the weights are not GPTQ."""
+        q = self.bundle.provenance.get("quantization") or {}
+        parts = [self.bundle.quantized_parts.get(w) for w in weights]
+        gs = q.get("group_size", -1)
+        if self.variant != "ort" or q.get("quant_method") != "gptq" or not all(parts) or gs < 16 or gs & (gs - 1):
+            return None
+        from quant import gptq_format
+
+        unpacked = [gptq_format.unpack(load()) for load in parts]
+        codes = torch.cat([u[0] for u in unpacked])  # [N, K]
+        scales = torch.cat([u[1].T for u in unpacked])  # [N, blocks]
+        zeros = torch.cat([u[2].T for u in unpacked])
+        N, K = codes.shape
+        blocks = K // gs
+        c = codes.reshape(N, blocks, gs).to(torch.uint8).numpy()
+        packed = c[..., 0::2] | (c[..., 1::2] << 4)  # element 2i in the low nibble, 2i + 1 in the high one
+        g = self.g
+        inputs = [x, g.weight(f"{name}.qweight", packed),
+                  g.weight(f"{name}.scales", scales.float().numpy().reshape(-1))]
+        if not bool((zeros == 8).all()):  # 8 is MatMulNBits' default zero point at 4 bits
+            z = zeros.to(torch.uint8).numpy()
+            if blocks % 2:
+                z = np.concatenate([z, np.zeros((N, 1), np.uint8)], axis=1)
+            inputs.append(g.weight(f"{name}.qzeros", (z[:, 0::2] | (z[:, 1::2] << 4)).reshape(-1)))
+        return g.op("MatMulNBits", inputs, f"{name}/MatMulNBits", domain="com.microsoft", K=K, N=N, bits=4,
+                    block_size=gs, accuracy_level=0)
 
     def linear(self, x: str, weight: str, name: str, bias: str | None = None) -> str:
-        y = self.g.op("MatMul", [x, _matmul_weight(self.g, self.bundle, weight)], f"{name}/MatMul")
+        y = self.gptq_matmul(x, [weight], name) or self.g.op(
+            "MatMul", [x, _matmul_weight(self.g, self.bundle, weight)], f"{name}/MatMul")
         if bias:
             y = self.g.op("Add", [y, self.g.weight(bias, _np(self.bundle, bias))], f"{name}/Add")
         return y
@@ -117,12 +158,13 @@ class _Builder:
     def mlp(self, x: str, prefix: str, name: str) -> str:
         g = self.g
         if self.variant == "ort":  # one matmul for gate and up
-            gate = _np(self.bundle, f"{prefix}.gate_proj.weight")
-            up = _np(self.bundle, f"{prefix}.up_proj.weight")
-            w = g.weight(f"{prefix}.gate_up_proj.weight", np.concatenate([gate, up]).T)
-            both = g.op("MatMul", [x, w], f"{name}/gate_up_proj/MatMul")
-            gate_out, up_out = g.op("Split", [both, g.const([gate.shape[0], up.shape[0]])], f"{name}/Split",
-                                    outputs=2, axis=-1)
+            names = [f"{prefix}.gate_proj.weight", f"{prefix}.up_proj.weight"]
+            both = self.gptq_matmul(x, names, f"{name}/gate_up_proj")
+            if both is None:
+                w = g.weight(f"{prefix}.gate_up_proj.weight", np.concatenate([_np(self.bundle, n) for n in names]).T)
+                both = g.op("MatMul", [x, w], f"{name}/gate_up_proj/MatMul")
+            sizes = [self.bundle.tensors[n].shape[0] for n in names]
+            gate_out, up_out = g.op("Split", [both, g.const(sizes)], f"{name}/Split", outputs=2, axis=-1)
         else:
             gate_out = self.linear(x, f"{prefix}.gate_proj.weight", f"{name}/gate_proj")
             up_out = self.linear(x, f"{prefix}.up_proj.weight", f"{name}/up_proj")
@@ -154,16 +196,35 @@ class _Builder:
             total = g.op("Add", [total, shared], f"{name}/shared_expert/sum")
         return total
 
+    def relu2_mlp(self, x: str, prefix: str, name: str) -> str:
+        g = self.g
+        h = g.op("Relu", [self.linear(x, f"{prefix}.fc1.weight", f"{name}/fc1")], f"{name}/Relu")
+        return self.linear(g.op("Mul", [h, h], f"{name}/square"), f"{prefix}.fc2.weight", f"{name}/fc2")
+
     def ffn(self, x: str, layer: int) -> str:
         prefix, name = f"model.layers.{layer}.mlp", f"/model/layers.{layer}/mlp"
-        return self.moe(x, prefix, name) if self.cfg.fam.moe else self.mlp(x, prefix, name)
+        if self.cfg.fam.moe:
+            return self.moe(x, prefix, name)
+        return self.relu2_mlp(x, prefix, name) if self.cfg.fam.mlp == "relu2" else self.mlp(x, prefix, name)
+
+    def embed(self) -> str:
+        g = self.g
+        h = g.op("Gather", [g.weight("model.embed_tokens.weight", _np(self.bundle, "model.embed_tokens.weight")),
+                            "input_ids"], "/model/embed_tokens/Gather", axis=0)
+        if self.cfg.fam.embed_norm:
+            h = self.rms(h, "model.norm.weight", "/model/embed_norm", self.cfg.hidden_size)
+        return h
 
     def lm_head(self, x: str) -> str:
-        bundle = self.bundle
+        bundle, g, cap = self.bundle, self.g, self.cfg.logit_softcap
         name = "model.embed_tokens.weight" if self.cfg.tie_word_embeddings else "lm_head.weight"
         # its own constant even when tied: the embedding Gather and the head MatMul are quantized differently
-        w = self.g.weight("lm_head.weight", _np(bundle, name).T)
-        return self.g.op("MatMul", [x, w], "/lm_head/MatMul", outputs=["logits"])
+        w = g.weight("lm_head.weight", _np(bundle, name).T)
+        if not cap:
+            return g.op("MatMul", [x, w], "/lm_head/MatMul", outputs=["logits"])
+        raw = g.op("MatMul", [x, w], "/lm_head/MatMul")
+        capped = g.op("Tanh", [g.op("Div", [raw, g.const(cap, np.float32)], "/softcap/Div")], "/softcap/Tanh")
+        return g.op("Mul", [capped, g.const(cap, np.float32)], "/softcap/Mul", outputs=["logits"])
 
     # --- portable attention ---
     def rotary(self) -> tuple[str, str]:
@@ -174,8 +235,10 @@ class _Builder:
                              g.const(_rope_inv_freq(self.cfg), np.float32)], "/rotary/freqs")
         emb = g.op("Concat", [freqs, freqs], "/rotary/Concat", axis=-1)
         cos = g.op("Unsqueeze", [g.op("Cos", [emb], "/rotary/Cos"), g.const([2])], "/rotary/cos")
-        sin = g.op("Unsqueeze", [g.op("Sin", [emb], "/rotary/Sin"), g.const([2])], "/rotary/sin")
-        return cos, sin
+        sin = g.op("Sin", [emb], "/rotary/Sin")
+        if self.cfg.fam.rope_sign < 0:  # rotation by -theta
+            sin = g.op("Neg", [sin], "/rotary/Neg")
+        return cos, g.op("Unsqueeze", [sin, g.const([2])], "/rotary/sin")
 
     def apply_rotary(self, x: str, cos: str, sin: str, name: str) -> str:
         g, half = self.g, self.cfg.head_dim // 2
@@ -214,8 +277,8 @@ class _Builder:
         k = g.op("Reshape", [k, g.const([0, 0, nkv, hd])], f"{name}/k_heads")
         v = g.op("Reshape", [v, g.const([0, 0, nkv, hd])], f"{name}/v_heads")
         if cfg.fam.qk_norm:
-            q = self.rms(q, f"{prefix}.q_norm.weight", f"{name}/q_norm")
-            k = self.rms(k, f"{prefix}.k_norm.weight", f"{name}/k_norm")
+            q = self.rms(q, f"{prefix}.q_norm.weight", f"{name}/q_norm", hd)
+            k = self.rms(k, f"{prefix}.k_norm.weight", f"{name}/k_norm", hd)
         q = self.apply_rotary(q, cos, sin, f"{name}/q_rotary")
         k = self.apply_rotary(k, cos, sin, f"{name}/k_rotary")
         k = g.op("Transpose", [k], f"{name}/k_bnsh", perm=[0, 2, 1, 3])
@@ -240,25 +303,24 @@ class _Builder:
         return self.linear(out, f"{prefix}.o_proj.weight", f"{name}/o_proj")
 
     def portable(self) -> None:
-        g, cfg = self.g, self.cfg
-        h = g.op("Gather", [g.weight("model.embed_tokens.weight", _np(self.bundle, "model.embed_tokens.weight")),
-                            "input_ids"], "/model/embed_tokens/Gather", axis=0)
+        g, cfg, H = self.g, self.cfg, self.cfg.hidden_size
+        h = self.embed()
         cos, sin = self.rotary()
         allowed = self.attention_mask()
         for i in range(cfg.num_layers):
             p = f"model.layers.{i}"
-            a = self.portable_attention(self.rms(h, f"{p}.input_layernorm.weight", f"/model/layers.{i}/input_norm"),
-                                        i, cos, sin, allowed)
+            normed = self.rms(h, f"{p}.input_layernorm.weight", f"/model/layers.{i}/input_norm", H)
+            a = self.portable_attention(normed, i, cos, sin, allowed)
             h = g.op("Add", [h, a], f"/model/layers.{i}/attn_residual")
-            m = self.ffn(self.rms(h, f"{p}.post_attention_layernorm.weight", f"/model/layers.{i}/post_norm"), i)
+            m = self.ffn(self.rms(h, f"{p}.post_attention_layernorm.weight", f"/model/layers.{i}/post_norm", H), i)
             h = g.op("Add", [h, m], f"/model/layers.{i}/mlp_residual")
-        self.lm_head(self.rms(h, "model.norm.weight", "/model/norm"))
+        self.lm_head(self.rms(h, "model.norm.weight", "/model/norm", H))
 
     # --- ort variant ---
     def skip_norm(self, x: str, residual: str, weight: str, name: str) -> tuple[str, str]:
         """(norm(x + residual), x + residual) in one fused op."""
         normed, _, _, total = self.g.op("SkipSimplifiedLayerNormalization",
-                                        [x, residual, self.g.weight(weight, _np(self.bundle, weight))], name,
+                                        [x, residual, self.norm_weight(weight, self.cfg.hidden_size)], name,
                                         outputs=[f"{name}/out", "", "", f"{name}/sum"], domain="com.microsoft",
                                         epsilon=self.eps)
         return normed, total
@@ -285,19 +347,21 @@ class _Builder:
         positions = np.arange(cfg.max_position_embeddings, dtype=np.float32)[:, None]
         angles = positions * _rope_inv_freq(cfg)[None, :]
         cos_cache = g.weight("cos_cache", np.cos(angles).astype(np.float32))
-        sin_cache = g.weight("sin_cache", np.sin(angles).astype(np.float32))
+        # a negative sin table makes GroupQueryAttention rotate by -theta (NanoChat)
+        sin_cache = g.weight("sin_cache", cfg.fam.rope_sign * np.sin(angles).astype(np.float32))
 
-        h = g.op("Gather", [g.weight("model.embed_tokens.weight", _np(self.bundle, "model.embed_tokens.weight")),
-                            "input_ids"], "/model/embed_tokens/Gather", axis=0)
+        h = self.embed()
         x = g.op("SimplifiedLayerNormalization",
-                 [h, g.weight("model.layers.0.input_layernorm.weight",
-                              _np(self.bundle, "model.layers.0.input_layernorm.weight"))],
+                 [h, self.norm_weight("model.layers.0.input_layernorm.weight", cfg.hidden_size)],
                  "/model/layers.0/input_norm", axis=-1, epsilon=self.eps, stash_type=1)
         for i in range(cfg.num_layers):
             p, name = f"model.layers.{i}", f"/model/layers.{i}"
             a = p + ".self_attn"
-            w = np.concatenate([_np(self.bundle, f"{a}.{t}_proj.weight") for t in "qkv"])
-            qkv = g.op("MatMul", [x, g.weight(f"{a}.qkv_proj.weight", w.T)], f"{name}/attn/qkv_proj/MatMul")
+            names = [f"{a}.{t}_proj.weight" for t in "qkv"]
+            qkv = self.gptq_matmul(x, names, f"{name}/attn/qkv_proj")
+            if qkv is None:
+                w = np.concatenate([_np(self.bundle, n) for n in names])
+                qkv = g.op("MatMul", [x, g.weight(f"{a}.qkv_proj.weight", w.T)], f"{name}/attn/qkv_proj/MatMul")
             if cfg.fam.qkv_bias:
                 b = np.concatenate([_np(self.bundle, f"{a}.{t}_proj.bias") for t in "qkv"])
                 qkv = g.op("Add", [qkv, g.weight(f"{a}.qkv_proj.bias", b)], f"{name}/attn/qkv_proj/Add")
@@ -307,8 +371,7 @@ class _Builder:
                 normed = []
                 for t, heads, src in (("q", nh, q), ("k", nkv, k)):
                     r = g.op("Reshape", [src, g.const([0, 0, heads, hd])], f"{name}/attn/{t}_heads")
-                    r = g.op("SimplifiedLayerNormalization",
-                             [r, g.weight(f"{a}.{t}_norm.weight", _np(self.bundle, f"{a}.{t}_norm.weight"))],
+                    r = g.op("SimplifiedLayerNormalization", [r, self.norm_weight(f"{a}.{t}_norm.weight", hd)],
                              f"{name}/attn/{t}_norm", axis=-1, epsilon=self.eps, stash_type=1)
                     normed.append(g.op("Reshape", [r, g.const([0, 0, heads * hd])], f"{name}/attn/{t}_flat"))
                 qkv_inputs = [normed[0], normed[1], v]

@@ -28,7 +28,8 @@ def register(loader: Loader) -> Loader:
 
 
 def load_checkpoint(path: str | Path, **overrides: Any) -> ModelBundle:
-    """Detect the checkpoint's format and load it. Overrides: arch, tokenizer, config, num_heads, experts_per_tok."""
+    """Detect the checkpoint's format and load it. Overrides: arch, tokenizer, config, num_heads, experts_per_tok,
+    step (NanoChat)."""
     path = Path(path)
     if not path.exists():
         raise ToolkitError(f"checkpoint {path} does not exist", "check the path")
@@ -40,8 +41,9 @@ def load_checkpoint(path: str | Path, **overrides: Any) -> ModelBundle:
             bundle.provenance.setdefault("format", loader.name)
             return bundle.check()
     raise ToolkitError(f"{path} is not a checkpoint the toolkit knows",
-                       "pass a Hugging Face directory (config.json + *.safetensors), a MiniMind .pth, or a folder "
-                       "written by `toolkit train`")
+                       "pass a Hugging Face directory (config.json + *.safetensors), a MiniMind .pth, a NanoChat "
+                       "checkpoint folder (model_<step>.pt + meta_<step>.json), or a folder written by `toolkit train`")
 
 
-from toolkit.checkpoints import hf_dir, minimind  # noqa: E402,F401  (registration)
+# nanochat before minimind: both read .pt files; nanochat's have a meta_<step>.json beside them
+from toolkit.checkpoints import hf_dir, nanochat, minimind  # noqa: E402,F401  (registration, in order)

@@ -33,6 +33,12 @@ def load(path: Path, overrides: dict[str, Any]) -> ModelBundle:
     config = config_from_hf(cfg)
     refs = _weights(path)
     refs = _unfuse_experts(refs)
+    quantization = cfg.get("quantization_config")
+    raw_parts: dict = {}
+    if quantization:
+        from quant.checkpoint import dequantized_refs
+
+        refs, raw_parts = dequantized_refs(refs, quantization, path)
     if config.tie_word_embeddings:
         refs.pop("lm_head.weight", None)
     elif "lm_head.weight" not in refs and "model.embed_tokens.weight" in refs:
@@ -41,7 +47,10 @@ def load(path: Path, overrides: dict[str, Any]) -> ModelBundle:
         refs.pop(name)
     tok_dir = Path(overrides.get("tokenizer", path))
     tokenizer = Tokenizer.from_dir(tok_dir)
-    return ModelBundle(config, refs, tokenizer, {"format": "hf", "path": str(path)})
+    provenance = {"format": "hf", "path": str(path)}
+    if quantization:
+        provenance["quantization"] = quantization
+    return ModelBundle(config, refs, tokenizer, provenance, quantized_parts=raw_parts)
 
 
 def _weights(path: Path) -> dict[str, TensorRef]:

@@ -19,11 +19,20 @@ from toolkit.bundle import ModelBundle
 MAX_SHARD_BYTES = 2 * 1024**3
 
 
-def hf_tensors(bundle: ModelBundle, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
-    """The bundle's tensors as the Hugging Face class names them, one at a time."""
+def hf_tensors(bundle: ModelBundle, dtype: torch.dtype | None = None,
+               replace: dict[str, dict[str, torch.Tensor]] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """The bundle's tensors as the Hugging Face class names them, one at a time. `replace` maps a weight name to
+    the tensors written in its place (quantized forms: `P.weight` -> `P.qweight`, `P.scales`, ...)."""
     cfg = bundle.config
     as_qwen2_moe = cfg.family == "minimind2_moe"
-    for name, t in bundle.iter_tensors(dtype):
+    replace = replace or {}
+    for name in bundle.tensors:
+        if name in replace:
+            prefix = name.removesuffix("weight")
+            for part, t in replace[name].items():
+                yield prefix + part, t.contiguous()
+            continue
+        t = bundle.load(name, dtype)
         if as_qwen2_moe and name.endswith("mlp.shared_expert.down_proj.weight"):
             t = t * 2
         yield name, t.contiguous()
@@ -39,7 +48,8 @@ def hf_tensors(bundle: ModelBundle, dtype: torch.dtype | None = None) -> Iterato
 
 
 def save_hf(bundle: ModelBundle, out: str | Path, dtype: torch.dtype | None = None,
-            max_shard_bytes: int = MAX_SHARD_BYTES) -> list[str]:
+            max_shard_bytes: int = MAX_SHARD_BYTES, replace: dict[str, dict[str, torch.Tensor]] | None = None
+            ) -> list[str]:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     current: dict[str, torch.Tensor] = {}
@@ -58,14 +68,13 @@ def save_hf(bundle: ModelBundle, out: str | Path, dtype: torch.dtype | None = No
             weight_map.update({n: idx for n in current})
             current, size = {}, 0
 
-    out_dtype = None
-    for name, t in hf_tensors(bundle, dtype):
+    out_dtype = dtype or bundle.tensors["model.embed_tokens.weight"].dtype  # quantized parts are int32/int8
+    for name, t in hf_tensors(bundle, dtype, replace):
         nbytes = t.numel() * t.element_size()
         if current and size + nbytes > max_shard_bytes:
             flush()
         current[name] = t
         size += nbytes
-        out_dtype = out_dtype or t.dtype
     flush()
     if len(written) == 1:
         (out / written[0]).rename(out / "model.safetensors")

@@ -36,6 +36,10 @@ class ParityOptions:
     max_ppl_delta: float | None = None
     cache_dir: Path | None = None
     overrides: dict = field(default_factory=dict)
+    with_runtimes: list[str] = field(default_factory=list)  # rows of the checkpoint itself in these runtimes (bnb)
+
+# --with names -> runtimes that quantize the checkpoint in memory
+WITH_RUNTIMES = {"bnb-int8": "bnb_int8", "bnb-nf4": "bnb_nf4"}
 
 
 def read_text(path: Path) -> str:
@@ -103,6 +107,24 @@ def artifact_size(artifact: Path) -> int:
     weights = [p for p in artifact.iterdir() if p.name.startswith("model.onnx") or p.suffix in (".safetensors", ".bin",
                                                                                                   ".mnn", ".pth")]
     return sum(p.stat().st_size for p in weights)
+
+
+def bnb_weight_bytes(bundle, runtime: str) -> int:
+    """Weight bytes bitsandbytes holds in memory: the decoder's linear layers at 8 bits (+ an fp32 scale per row)
+    or NF4 (4 bits + a double-quantized absmax per 64: 8 bits per block, fp32 per 256 blocks); the rest as stored."""
+    from quant.checkpoint import quantized_linears
+
+    linears = set(quantized_linears(bundle))
+    total = 0
+    for name, ref in bundle.tensors.items():
+        n = ref.numel
+        if name not in linears:
+            total += n * ref.dtype.itemsize
+        elif runtime == "bnb_int8":
+            total += n + 4 * ref.shape[0]
+        else:
+            total += n // 2 + n // 64 + 4 * (n // (64 * 256) + 1)
+    return total
 
 
 def artifact_format(artifact: Path, runtime: str | None) -> str:
@@ -230,12 +252,17 @@ def evaluate(opts: ParityOptions, progress=None, log=print) -> dict:
         spec = {"tokens": str(work / "tokens.npy"), "baseline": str(cache), "threads": opts.threads,
                 "repeats": opts.repeats, "device": device, "bench_prompt": len(prompt), "bench_new": BENCH_NEW,
                 "baseline_nll_mean": float(nll.mean()), "n_bytes": n_bytes}
-        for i, artifact in enumerate(opts.artifacts):
-            runtime = runtime_for(artifact)
-            row = {"name": artifact.name, "runtime": runtime, "format": artifact_format(artifact, runtime),
-                   "path": str(artifact), "size_bytes": artifact_size(artifact)}
+        items = [(a, runtime_for(a)) for a in opts.artifacts] + [(opts.ckpt, r) for r in opts.with_runtimes]
+        for i, (artifact, runtime) in enumerate(items):
+            if runtime in opts.with_runtimes:
+                row = {"name": f"{artifact.name} ({runtime})", "runtime": runtime,
+                       "format": f"bitsandbytes {runtime.removeprefix('bnb_')}", "path": str(artifact),
+                       "size_bytes": bnb_weight_bytes(bundle, runtime)}
+            else:
+                row = {"name": artifact.name, "runtime": runtime, "format": artifact_format(artifact, runtime),
+                       "path": str(artifact), "size_bytes": artifact_size(artifact)}
             row["bits_per_weight"] = 8.0 * row["size_bytes"] / n_params
-            log(f"[{i + 1}/{len(opts.artifacts)}] {artifact} ({runtime or 'no runtime'})")
+            log(f"[{i + 1}/{len(items)}] {artifact} ({runtime or 'no runtime'})")
             if runtime is None:
                 row.update(status="failed", error="no installed runtime opens this artifact")
             else:

@@ -28,7 +28,7 @@ def peak_rss_bytes() -> int:
 
 def _runs_on_cuda(runtime: str) -> bool:
     """Artifacts run on the baseline's device where their runtime can; otherwise on the CPU (the row says which)."""
-    if runtime == "torch":
+    if runtime in ("torch", "bnb_int8", "bnb_nf4"):  # bitsandbytes runs on CPU and CUDA alike
         return True
     if runtime == "onnxruntime":
         import onnxruntime

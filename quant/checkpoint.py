@@ -1,0 +1,256 @@
+"""`toolkit quantize int8|int4 CKPT --format hf`: quantized checkpoints as Hugging Face folders.
+
+What is quantized: every linear layer of the decoder blocks (attention q/k/v/o, MLP). The token embedding and the
+lm_head keep their dtype, as GPTQ checkpoints and bitsandbytes do (the head shows quantization error most, the
+embedding is a lookup).
+
+- int8 (`quant_method: toolkit_int8`, this project's format): `P.weight` int8 [out, in] and `P.weight_scale`
+  fp32 [out]; weight = weight_scale[:, None] * weight. Symmetric per output channel, scale = max|w| / 127.
+- int4 (`quant_method: gptq`, GPTQ-v1 tensors, see quant/gptq_format.py): round-to-nearest or GPTQ over
+  calibration text, run layer by layer through the reference model (each layer sees the outputs of the already
+  quantized layers before it).
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from quant import gptq_format
+from quant.gptq import Hessian, gptq
+from quant.grid import Grid, dequantize_groups, rtn
+from toolkit.bundle import ModelBundle
+from toolkit.errors import ToolkitError
+
+INT8_METHOD = "toolkit_int8"
+MIN_CALIB_TOKENS = 16
+
+
+@dataclass
+class Int4Options:
+    method: str = "gptq"  # or "rtn"
+    group_size: int = 128
+    sym: bool = True
+    act_order: bool = False
+    damp: float = 0.01
+    nsamples: int = 128
+    seqlen: int = 512
+    calib: Path | None = None  # default: the checkpoint's calib.txt
+
+
+def quantized_linears(bundle: ModelBundle) -> list[str]:
+    """Weights of the decoder blocks' linear layers, in execution order."""
+    cfg = bundle.config
+    if cfg.fam.moe:
+        raise ToolkitError("quantizing mixture-of-experts checkpoints is not supported yet",
+                           "quantize a dense model, or export the MoE and use `toolkit quantize int4 --format onnx`")
+    names = []
+    for i in range(cfg.num_layers):
+        p = f"model.layers.{i}."
+        attn = [p + f"self_attn.{t}_proj.weight" for t in ("q", "k", "v", "o")]
+        mlp = ([p + "mlp.fc1.weight", p + "mlp.fc2.weight"] if cfg.fam.mlp == "relu2" else
+               [p + f"mlp.{t}_proj.weight" for t in ("gate", "up", "down")])
+        names += attn + mlp
+    return names
+
+
+def refuse_quantized(bundle: ModelBundle) -> None:
+    q = bundle.provenance.get("quantization")
+    if q:
+        raise ToolkitError(f"{bundle.provenance.get('path')} is already quantized ({q.get('quant_method')})",
+                           "quantize the original full-precision checkpoint")
+
+
+def check_group_size(bundle: ModelBundle, group_size: int) -> None:
+    if group_size == -1:
+        return
+    if group_size <= 0 or group_size % 8:
+        raise ToolkitError(f"--group-size {group_size} is not a positive multiple of 8", "use 32, 64, 128 or -1")
+    for name in quantized_linears(bundle):
+        width = bundle.tensors[name].shape[1]
+        if width % group_size:
+            raise ToolkitError(f"--group-size {group_size} does not divide the input width {width} of {name}",
+                               "choose a group size that divides every layer's input width, or -1 (per row)")
+
+
+def calibration_ids(bundle: ModelBundle, opts: Int4Options) -> torch.Tensor:
+    """[n, seqlen] token ids: consecutive chunks of the calibration text (never the held-out text)."""
+    path = opts.calib
+    if path is None:
+        base = Path(bundle.provenance.get("path", ""))
+        path = (base if base.is_dir() else base.parent) / "calib.txt"
+        if not path.is_file():
+            raise ToolkitError(f"no calibration text: {path} does not exist",
+                               "pass --calib FILE (a sample of the training text, not the held-out text)")
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ToolkitError(f"cannot read calibration text {path}: {e}", "pass a UTF-8 text file") from None
+    if not text.strip():
+        raise ToolkitError(f"calibration text {path} is empty", "pass a sample of the training text with --calib")
+    ids = bundle.tokenizer.encode(text, add_bos=False)
+    seqlen = opts.seqlen
+    if len(ids) < seqlen:
+        raise ToolkitError(f"calibration text {path} has {len(ids)} tokens, less than one sample of --seqlen "
+                           f"{seqlen}", "give more text with --calib or a smaller --seqlen")
+    n = min(opts.nsamples, len(ids) // seqlen)
+    return torch.tensor(ids[: n * seqlen]).reshape(n, seqlen)
+
+
+def _int8(w: torch.Tensor) -> dict[str, torch.Tensor]:
+    w = w.float()
+    scale = (w.abs().amax(dim=1) / 127).clamp(min=1e-12)
+    return {"weight": torch.clamp(torch.round(w / scale[:, None]), -127, 127).to(torch.int8), "weight_scale": scale}
+
+
+def _rtn4(w: torch.Tensor, grid: Grid) -> dict[str, torch.Tensor]:
+    codes, scales, zeros = rtn(w, grid)
+    return gptq_format.pack(codes, scales, zeros, grid.group_size)
+
+
+def _gptq_layers(bundle: ModelBundle, opts: Int4Options, device: str, progress: Callable[[int, int], None],
+                 report: dict) -> dict[str, dict[str, torch.Tensor]]:
+    """GPTQ over the decoder blocks, one block at a time; returns packed tensors per weight name."""
+    from toolkit.model import build_model
+
+    grid = Grid(4, opts.group_size, opts.sym)
+    ids = calibration_ids(bundle, opts).to(device)
+    report["calibration"] = {"samples": ids.shape[0], "seqlen": ids.shape[1], "tokens": ids.numel()}
+    model = build_model(bundle, torch.float32, device)
+    packed: dict[str, dict[str, torch.Tensor]] = {}
+    with torch.no_grad():
+        x = model.model.embed_tokens(ids)
+        if model.model.embed_norm:
+            x = model.model.norm(x)
+        positions = torch.arange(ids.shape[1], device=device).expand(ids.shape[0], -1)
+        cos, sin = model.rope(positions, x.dtype)
+        layers = model.model.layers
+        for i, layer in enumerate(layers):
+            sets = _shared_input_sets(layer, f"model.layers.{i}.")
+            hessians = [Hessian(mods[0][1].in_features, device) for mods in sets]
+            hooks = [mods[0][1].register_forward_hook(lambda mod, inp, out, h=h: h.add(inp[0]))
+                     for mods, h in zip(sets, hessians)]
+            for b in range(x.shape[0]):  # one sample at a time bounds the activation memory
+                layer(x[b:b + 1], cos[b:b + 1], sin[b:b + 1], None, None, i)
+            for h in hooks:
+                h.remove()
+            for mods, hessian in zip(sets, hessians):
+                stacked = torch.cat([m.weight.data for _, m in mods])
+                res = gptq(stacked, hessian.H, grid, opts.damp, opts.act_order)
+                if not torch.isfinite(res.codes).all() or not torch.isfinite(res.scales).all():
+                    raise FloatingPointError(f"GPTQ produced non-finite values for {mods[0][0]}")
+                if res.retries:
+                    report.setdefault("damp_raised", {})[mods[0][0]] = res.damp
+                in_f = stacked.shape[1]
+                g_idx = torch.arange(in_f, device=device) // grid.width(in_f)
+                row = 0
+                for name, mod in mods:
+                    rows = slice(row, row + mod.out_features)
+                    row += mod.out_features
+                    codes, scales, zeros = res.codes[rows], res.scales[:, rows], res.zeros[:, rows]
+                    mod.weight.data = dequantize_groups(codes, scales, zeros, g_idx).to(mod.weight.dtype)
+                    packed[name] = gptq_format.pack(codes.cpu(), scales.cpu(), zeros.cpu(), grid.group_size)
+            x = torch.cat([layer(x[b:b + 1], cos[b:b + 1], sin[b:b + 1], None, None, i) for b in range(x.shape[0])])
+            progress(i + 1, len(layers))
+    return packed
+
+
+def _shared_input_sets(layer: torch.nn.Module, prefix: str) -> list[list[tuple[str, torch.nn.Linear]]]:
+    """The block's linear layers grouped by the input they read (q/k/v; o; gate/up; down -- or fc1; fc2)."""
+    by_input: dict[str, list] = {}
+    for name, mod in layer.named_modules():
+        if isinstance(mod, torch.nn.Linear):
+            key = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "gate_proj": "gate_up",
+                   "up_proj": "gate_up"}.get(name.rsplit(".", 1)[-1], name)
+            by_input.setdefault(key, []).append((f"{prefix}{name}.weight", mod))
+    return list(by_input.values())
+
+
+def quantize_checkpoint(bundle: ModelBundle, out: Path, kind: str, opts: Int4Options | None = None,
+                        device: str = "cpu", progress: Callable[[int, int], None] = lambda done, total: None) -> dict:
+    """Write the quantized Hugging Face folder into `out` (an empty folder); returns a report."""
+    from toolkit.checkpoints.hf_writer import save_hf
+
+    refuse_quantized(bundle)
+    names = quantized_linears(bundle)
+    opts = opts or Int4Options()
+    report: dict = {"kind": kind, "quantized_linears": len(names)}
+    t0 = time.perf_counter()
+    if kind == "int8":
+        tensors = {}
+        for k, name in enumerate(names):
+            tensors[name] = _int8(bundle.load(name, torch.float32))
+            progress(k + 1, len(names))
+        qconfig = {"quant_method": INT8_METHOD, "bits": 8, "symmetric": True, "granularity": "per_output_channel",
+                   "weight_only": True, "modules_not_quantized": ["model.embed_tokens", "lm_head"],
+                   "format": "P.weight int8 [out, in], P.weight_scale float32 [out]; "
+                             "weight = weight_scale[:, None] * weight"}
+    else:
+        check_group_size(bundle, opts.group_size)
+        if opts.method == "gptq":
+            tensors = _gptq_layers(bundle, opts, device, progress, report)
+        else:
+            grid = Grid(4, opts.group_size, opts.sym)
+            tensors = {}
+            for k, name in enumerate(names):
+                tensors[name] = _rtn4(bundle.load(name, torch.float32), grid)
+                progress(k + 1, len(names))
+        qconfig = {"quant_method": "gptq", "bits": 4, "group_size": opts.group_size, "desc_act": opts.act_order,
+                   "static_groups": True, "sym": opts.sym, "true_sequential": False, "damp_percent": opts.damp,
+                   "checkpoint_format": "gptq", "format": "gptq", "pack_dtype": "int32", "lm_head": False,
+                   "toolkit_method": opts.method}
+    report["seconds"] = time.perf_counter() - t0
+    for parts in tensors.values():
+        for t in parts.values():
+            if t.is_floating_point() and not torch.isfinite(t).all():
+                raise FloatingPointError("quantization produced NaN or inf")
+    save_hf(bundle, out, replace=tensors)
+    cfg_file = out / "config.json"
+    cfg = json.loads(cfg_file.read_text())
+    cfg["quantization_config"] = qconfig
+    cfg_file.write_text(json.dumps(cfg, indent=2) + "\n")
+    report["quantization_config"] = qconfig
+    return report
+
+
+def dequantized_refs(refs: dict, quantization: dict, path: Path) -> tuple[dict, dict]:
+    """A quantized folder's tensors as the plain float32 weights the rest of the toolkit computes with (dequantized
+    when loaded), and per weight name a loader of its quantized parts."""
+    from toolkit.bundle import TensorRef
+
+    method = quantization.get("quant_method")
+    if method == "gptq":
+        if quantization.get("bits") != 4:
+            raise ToolkitError(f"{path}: {quantization.get('bits')}-bit GPTQ is not supported", "use 4-bit GPTQ")
+        suffix, parts = "qweight", ("qweight", "qzeros", "scales", "g_idx")
+    elif method == INT8_METHOD:
+        suffix, parts = "weight_scale", ("weight", "weight_scale")
+    else:
+        raise ToolkitError(f"{path}: quantization method '{method}' is not supported",
+                           "the toolkit reads its own int8 folders and 4-bit GPTQ (v1) folders")
+    out, raw = dict(refs), {}
+    for name in [n for n in refs if n.endswith("." + suffix)]:
+        prefix = name[: -len(suffix)]
+        missing = [prefix + p for p in parts if prefix + p not in refs]
+        if missing:
+            raise ToolkitError(f"{path}: quantized layer {prefix[:-1]} lacks {missing[0]}", "the folder is damaged")
+        members = {p: out.pop(prefix + p) for p in parts}
+        load_parts = lambda m=members: {p: r.load() for p, r in m.items()}  # noqa: E731
+        if method == "gptq":
+            shape = (members["qweight"].shape[1], members["qweight"].shape[0] * gptq_format.PER_INT)
+            fn = lambda load=load_parts: gptq_format.dequantize(load())  # noqa: E731
+        else:
+            shape = members["weight"].shape
+            fn = lambda load=load_parts: _int8_dequantize(load())  # noqa: E731
+        weight = prefix + "weight"
+        out[weight] = TensorRef(weight, tuple(shape), torch.float32, fn)
+        raw[weight] = load_parts
+    return out, raw
+
+
+def _int8_dequantize(parts: dict[str, torch.Tensor]) -> torch.Tensor:
+    return parts["weight"].float() * parts["weight_scale"].float()[:, None]

@@ -1,0 +1,51 @@
+"""GPTQ-v1 checkpoint tensors (what AutoGPTQ/GPTQModel save and transformers loads through optimum + GPTQModel).
+
+Per quantized Linear `P` (weight [out, in]) at 4 bits:
+- `P.qweight` int32 [in / 8, out]: eight codes of consecutive input rows per int32, row 8i+k in bits 4k..4k+3;
+- `P.qzeros` int32 [groups, out / 8]: zero - 1 (the v1 convention), eight output columns per int32, same order;
+- `P.scales` fp16 [groups, out];
+- `P.g_idx` int32 [in]: the group of each input row (i // group_size: act-order uses static groups here).
+Weight = scales[g_idx[i], o] * (code[i, o] - (stored_zero[g_idx[i], o] + 1)).
+"""
+from __future__ import annotations
+
+import torch
+
+BITS = 4
+PER_INT = 32 // BITS
+SHIFTS = torch.arange(0, 32, BITS, dtype=torch.int64)
+
+
+def _pack(values: torch.Tensor) -> torch.Tensor:
+    """Pack integers 0..15 of [n·8, m] along dim 0 into int32 [n, m]."""
+    v = values.to(torch.int64).reshape(-1, PER_INT, values.shape[-1])
+    packed = (v << SHIFTS[None, :, None]).sum(dim=1)
+    return (packed - (packed >= 2 ** 31).to(torch.int64) * 2 ** 32).to(torch.int32)  # two's complement in int32
+
+
+def _unpack(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of _pack: int32 [n, m] -> int64 [n·8, m]."""
+    p = packed.to(torch.int64) & 0xFFFFFFFF
+    return ((p[:, None, :] >> SHIFTS[None, :, None]) & 0xF).reshape(-1, packed.shape[-1])
+
+
+def pack(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int) -> dict[str, torch.Tensor]:
+    """codes [out, in], scales/zeros [groups, out] -> the four GPTQ-v1 tensors."""
+    out_f, in_f = codes.shape
+    rows = torch.arange(in_f, dtype=torch.int32)
+    g_idx = torch.zeros_like(rows) if group_size == -1 else rows // group_size
+    return {"qweight": _pack(codes.T.contiguous()), "qzeros": _pack((zeros - 1).T.contiguous()).T.contiguous(),
+            "scales": scales.to(torch.float16).contiguous(), "g_idx": g_idx}
+
+
+def unpack(t: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(codes [out, in], scales [groups, out] float32, zeros [groups, out], g_idx [in]) from GPTQ-v1 tensors."""
+    codes = _unpack(t["qweight"]).T
+    zeros = _unpack(t["qzeros"].T.contiguous()).T + 1
+    return codes, t["scales"].float(), zeros, t["g_idx"].long()
+
+
+def dequantize(t: dict[str, torch.Tensor]) -> torch.Tensor:
+    from quant.grid import dequantize_groups
+
+    return dequantize_groups(*unpack(t))
