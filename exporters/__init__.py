@@ -47,7 +47,12 @@ try:
 except ImportError:  # pragma: no cover
     pass
 
-EXTRAS = {"gguf": "gguf", "onnx": "onnx"}
+try:
+    from exporters import mnn  # noqa: E402,F401
+except ImportError:  # pragma: no cover
+    pass
+
+EXTRAS = {"gguf": "gguf", "onnx": "onnx", "mnn": "mnn"}
 
 
 def get(name: str) -> ExporterSpec:

@@ -83,6 +83,11 @@ def _is_onnx(artifact) -> bool:
     return p.suffix == ".onnx" or (p.is_dir() and (p / "model.onnx").is_file())
 
 
+def _is_mnn(artifact) -> bool:
+    p = Path(artifact)
+    return p.suffix == ".mnn" or (p.is_dir() and (p / "model.mnn").is_file())
+
+
 RUNTIMES: dict[str, RuntimeSpec] = {
     spec.name: spec
     for spec in (
@@ -92,6 +97,7 @@ RUNTIMES: dict[str, RuntimeSpec] = {
                     lambda artifact: str(artifact).endswith(".gguf")),
         RuntimeSpec("onnxruntime", "ONNX Runtime (toolkit export onnx folders)", "runtimes.onnxruntime",
                     "onnxruntime", _is_onnx),
+        RuntimeSpec("mnn", "MNN (toolkit export mnn folders)", "runtimes.mnn", "MNN", _is_mnn),
         # checkpoints quantized in memory by bitsandbytes: chosen by name (eval-parity --with), never by path
         RuntimeSpec("bnb_int8", "bitsandbytes LLM.int8 (Linear8bitLt, threshold 6.0) of a checkpoint",
                     "runtimes.bnb", "bitsandbytes", options={"mode": "int8"}),

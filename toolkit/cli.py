@@ -219,7 +219,8 @@ def generate(
             raise ToolkitError("--device cuda but no CUDA device is visible", "use --device cpu")
     is_gguf = str(model).endswith(".gguf")
     is_onnx = "onnxruntime" in RUNTIMES and RUNTIMES["onnxruntime"].handles(model)
-    name = runtime or ("llama_cpp" if is_gguf else "onnxruntime" if is_onnx else "torch")
+    is_mnn = "mnn" in RUNTIMES and RUNTIMES["mnn"].handles(model)
+    name = runtime or ("llama_cpp" if is_gguf else "onnxruntime" if is_onnx else "mnn" if is_mnn else "torch")
     if name not in RUNTIMES:
         raise ToolkitError(f"unknown runtime '{name}'", f"available: {', '.join(RUNTIMES)}")
     if runtime is not None and not RUNTIMES[runtime].handles(model):
@@ -240,7 +241,7 @@ def generate(
             ids, stops = rt.tokenize(prompt), []
         detokenize = rt.detokenize
     else:
-        if is_onnx:  # an export folder carries its tokenizer
+        if is_onnx or is_mnn:  # an export folder carries its tokenizer
             from toolkit.tokenizer import Tokenizer
 
             rt = RUNTIMES[name].load(model, threads=threads, device=device)
@@ -383,6 +384,44 @@ def export_onnx(
     top = ", ".join(f"{k} {n}" for k, n in list(report.nodes.items())[:6])
     err.print(f"{variant} opset {report.opset} (IR {report.ir_version}): {report.size_bytes / 1e6:.1f} MB, "
               f"{sum(report.nodes.values())} nodes ({top}, ...); {checked}")
+    out.print(str(dest))
+
+
+@export_app.command("mnn")
+def export_mnn(
+    ckpt: Annotated[Path, typer.Argument(help="Checkpoint to export.")],
+    out_dir: Annotated[Optional[Path], typer.Option("-o", "--out", help="Output folder. Default: "
+                                                                        "<ckpt>-mnn-<bits>bit.")] = None,
+    bits: Annotated[int, typer.Option(help="Weight bits: 16 (fp16), 8 or 4 (block-wise, MNN's min/max grid; run "
+                                           "with MNN's low-memory int8 kernels).")] = 4,
+    group_size: Annotated[int, typer.Option(help="Input columns per scale for 8/4 bits; must divide every weight's "
+                                                 "input width; 0 = one scale per output channel.")] = 64,
+    hqq: Annotated[bool, typer.Option(help="Refine 8/4-bit scales with HQQ in MNN's converter.")] = False,
+    verify: Annotated[bool, typer.Option(help="Run the model in MNN (prefill of 48 tokens + 16 cached steps) and "
+                                              "compare logits with the reference model on the file's weights "
+                                              "before keeping it.")] = True,
+    threads: VerifyThreadsOpt = 1,
+    force: ForceOpt = False,
+    arch: ArchOpt = None, tokenizer: TokenizerOpt = None, config: ConfigOpt = None, num_heads: HeadsOpt = None,
+    experts_per_tok: TopkOpt = None, step: StepOpt = None,
+):
+    """MNN for Alibaba's mobile engine: model.mnn (graph with a fixed-capacity KV cache, opset-17 ONNX converted by
+    the MNN wheel), a 16-bit embedding file, tokenizer and export.json. Never calls MNN's telemetry."""
+    from exporters import get as get_exporter
+    from exporters.mnn import check_options
+    from toolkit.outputs import check_destination
+
+    check_options(None, bits, group_size, hqq)
+    dest = out_dir or _default_dest(ckpt, f"-mnn-{bits}bit")
+    check_destination(dest, force)
+    bundle = _load(ckpt, arch, tokenizer, config, num_heads, experts_per_tok, step)
+    report = get_exporter("mnn").export(bundle, dest, bits, group_size, hqq, verify, force, threads)
+    v = report.verification
+    checked = (f"verified in MNN: max |dlogit| {v['max_abs_diff']:.2e} (<= {v['tolerance']:.3g}) over prefill + "
+               f"{v['decode_steps']} cached steps, argmax agreement {100 * v['argmax_agreement']:.1f}%"
+               ) if v else "not verified"
+    grid = f", group size {report.group_size or 'per channel'}{', hqq' if report.hqq else ''}" if bits < 16 else ""
+    err.print(f"{bits}-bit{grid}: {report.size_bytes / 1e6:.1f} MB, {report.seconds:.1f} s; {checked}")
     out.print(str(dest))
 
 

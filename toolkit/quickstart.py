@@ -1,11 +1,13 @@
 """`toolkit quickstart -o DIR`: the whole product on the embedded corpus, in a few minutes on 2 CPUs.
 
 train a small model (widths multiples of 256, so llama.cpp's K-quants apply) -> GGUF f16 / q8_0 / q4_k_m with
-Ollama Modelfiles -> ONNX fp32 (fused ORT graph) / int8 / int4 -> eval-parity of all of them on the held-out split.
+Ollama Modelfiles -> ONNX fp32 (fused ORT graph) / int8 / int4 -> MNN 4-bit (where the MNN wheel is installed) ->
+eval-parity of all of them on the held-out split.
 Every export verifies itself on the way. DIR is written as `DIR.partial-<pid>` and renamed at the end.
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import time
 from pathlib import Path
@@ -62,6 +64,14 @@ def run(dest: Path, force: bool = False, threads: int = 2, steps: int | None = N
             q = quantize_onnx_folder(onnx_fp32, work / f"onnx-{kind}", kind, threads=threads)
             artifacts.append(work / f"onnx-{kind}")
             stage(f"ONNX {kind} ({q['size_bytes'] / 1e6:.1f} MB, lm_head {q['lm_head']})", t)
+        if importlib.util.find_spec("MNN") is not None:
+            from exporters.mnn import export as export_mnn
+
+            t = time.perf_counter()
+            report = export_mnn(bundle, work / "mnn-4bit", bits=4, group_size=64, threads=threads)
+            artifacts.append(work / "mnn-4bit")
+            stage(f"MNN 4-bit g64 ({report.size_bytes / 1e6:.1f} MB, verified in MNN: max |dlogit| "
+                  f"{report.verification['max_abs_diff']:.2g})", t)
         t = time.perf_counter()
         result = evaluate(ParityOptions(ckpt=model, artifacts=artifacts, ctx=PARITY_CTX, device="cpu", threads=1,
                                         repeats=repeats), log=log)

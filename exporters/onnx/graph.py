@@ -7,6 +7,13 @@ Two variants share the builder:
   Grouped-query attention is computed without expanding KV heads (queries reshaped to [B, kv, group, T, hd]).
 - ort: ONNX Runtime's fused contrib ops (GroupQueryAttention with rotary inside, SkipSimplifiedLayerNormalization,
   packed QKV and gate/up matmuls, QuickGelu) with the same I/O minus position_ids, as onnxruntime-genai expects.
+- static (for MNN, opset 17, batch 1): the KV cache is a fixed-capacity buffer [1, kv, capacity, hd] in and out;
+  new keys/values are scattered into the slots given by position_ids and queries see slots <= their position.
+  Decode steps then keep every input shape, so an engine that plans per shape (MNN) plans once, not per token.
+  The graph starts from inputs_embeds [1, S, hidden]: the runtime looks rows up in a 16-bit embedding file, as
+  MNN's own LLM engine does (its converter would store a Gather table in fp32 and never quantize it). RoPE's
+  cos/sin [1, S, hd] are inputs too, computed by the runtime in fp32: MNN's `--fp16` truncates every float constant
+  to fp16, the inverse frequencies included, an error that grows with the position.
 
 Weights are stored transposed for MatMul ([in, out]); a tied lm_head gets its own constant so quantizers reach it.
 """
@@ -209,6 +216,11 @@ class _Builder:
 
     def embed(self) -> str:
         g = self.g
+        if self.variant == "static":
+            h = "inputs_embeds"
+            if self.cfg.fam.embed_norm:
+                h = self.rms(h, "model.norm.weight", "/model/embed_norm", self.cfg.hidden_size)
+            return h
         h = g.op("Gather", [g.weight("model.embed_tokens.weight", _np(self.bundle, "model.embed_tokens.weight")),
                             "input_ids"], "/model/embed_tokens/Gather", axis=0)
         if self.cfg.fam.embed_norm:
@@ -230,6 +242,9 @@ class _Builder:
     def rotary(self) -> tuple[str, str]:
         """cos/sin [B, T, 1, hd] from position_ids, as the reference computes them."""
         g = self.g
+        if self.variant == "static":  # given (signed) by the runtime
+            return (g.op("Unsqueeze", ["rope_cos", g.const([2])], "/rotary/cos"),
+                    g.op("Unsqueeze", ["rope_sin", g.const([2])], "/rotary/sin"))
         pos = g.op("Cast", ["position_ids"], "/rotary/Cast", to=TensorProto.FLOAT)
         freqs = g.op("Mul", [g.op("Unsqueeze", [pos, g.const([-1])], "/rotary/Unsqueeze"),
                              g.const(_rope_inv_freq(self.cfg), np.float32)], "/rotary/freqs")
@@ -265,7 +280,7 @@ class _Builder:
         allowed = g.op("Or", [g.op("And", [causal, valid], "/mask/And"), itself], "/mask/Or")  # [B, T, S]
         return g.op("Unsqueeze", [allowed, g.const([1, 2])], "/mask/allowed")
 
-    def portable_attention(self, x: str, layer: int, cos: str, sin: str, allowed: str) -> str:
+    def portable_attention(self, x: str, layer: int, cos: str, sin: str, allowed: str, slots: str | None) -> str:
         g, cfg = self.g, self.cfg
         nh, nkv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         prefix, name = f"model.layers.{layer}.self_attn", f"/model/layers.{layer}/attn"
@@ -283,10 +298,16 @@ class _Builder:
         k = self.apply_rotary(k, cos, sin, f"{name}/k_rotary")
         k = g.op("Transpose", [k], f"{name}/k_bnsh", perm=[0, 2, 1, 3])
         v = g.op("Transpose", [v], f"{name}/v_bnsh", perm=[0, 2, 1, 3])
-        present_k = g.op("Concat", [f"past_key_values.{layer}.key", k], f"{name}/present_key",
-                         outputs=[f"present.{layer}.key"], axis=2)
-        present_v = g.op("Concat", [f"past_key_values.{layer}.value", v], f"{name}/present_value",
-                         outputs=[f"present.{layer}.value"], axis=2)
+        if slots is None:  # growing cache: append
+            present_k = g.op("Concat", [f"past_key_values.{layer}.key", k], f"{name}/present_key",
+                             outputs=[f"present.{layer}.key"], axis=2)
+            present_v = g.op("Concat", [f"past_key_values.{layer}.value", v], f"{name}/present_value",
+                             outputs=[f"present.{layer}.value"], axis=2)
+        else:  # fixed-capacity cache: write into the slots of these positions
+            present_k = g.op("ScatterND", [f"past_key_values.{layer}.key", slots, k], f"{name}/present_key",
+                             outputs=[f"present.{layer}.key"])
+            present_v = g.op("ScatterND", [f"past_key_values.{layer}.value", slots, v], f"{name}/present_value",
+                             outputs=[f"present.{layer}.value"])
         # queries grouped by the KV head they share: [B, kv, group, T, hd]; keys broadcast over the group
         q = g.op("Transpose", [g.op("Reshape", [q, g.const([0, 0, nkv, nh // nkv, hd])], f"{name}/q_groups")],
                  f"{name}/q_bgnth", perm=[0, 2, 3, 1, 4])
@@ -302,15 +323,39 @@ class _Builder:
                                g.const([0, 0, nh * hd])], f"{name}/merge_heads")
         return self.linear(out, f"{prefix}.o_proj.weight", f"{name}/o_proj")
 
+    def static_mask(self) -> str:
+        """allowed[1, 1, 1, S, capacity]: slot j is visible to the query at position p iff j <= p (slots are written
+        in position order, so later slots hold nothing yet or stale values)."""
+        g = self.g
+        capacity = g.op("Gather", [g.op("Shape", ["past_key_values.0.key"], "/mask/Shape"), g.const(2)],
+                        "/mask/capacity")
+        slots = g.op("Range", [g.const(0), capacity, g.const(1)], "/mask/slots")  # [C]
+        q_pos = g.op("Unsqueeze", [g.op("Squeeze", ["position_ids", g.const([0])], "/mask/positions"),
+                                   g.const([1])], "/mask/q_pos")  # [S, 1]
+        return g.op("Unsqueeze", [g.op("LessOrEqual", [slots, q_pos], "/mask/causal"), g.const([0, 1, 2])],
+                    "/mask/allowed")
+
+    def scatter_slots(self) -> str:
+        """ScatterND indices [1, kv, S, 3] = (0, head, position) for writing S new keys into the cache."""
+        g, nkv = self.g, self.cfg.num_kv_heads
+        pos = g.op("Unsqueeze", ["position_ids", g.const([1, 3])], "/cache/pos")  # [1, 1, S, 1]
+        heads = g.const(np.arange(nkv).reshape(1, nkv, 1, 1))
+        shape = g.op("Shape", [g.op("Add", [pos, heads], "/cache/broadcast")], "/cache/shape")  # [1, kv, S, 1]
+        parts = [g.op("Expand", [g.const(np.zeros((1, 1, 1, 1), np.int64)), shape], "/cache/batch"),
+                 g.op("Expand", [heads, shape], "/cache/heads"), g.op("Expand", [pos, shape], "/cache/slots")]
+        return g.op("Concat", parts, "/cache/indices", axis=-1)
+
     def portable(self) -> None:
         g, cfg, H = self.g, self.cfg, self.cfg.hidden_size
         h = self.embed()
         cos, sin = self.rotary()
-        allowed = self.attention_mask()
+        static = self.variant == "static"
+        allowed = self.static_mask() if static else self.attention_mask()
+        slots = self.scatter_slots() if static else None
         for i in range(cfg.num_layers):
             p = f"model.layers.{i}"
             normed = self.rms(h, f"{p}.input_layernorm.weight", f"/model/layers.{i}/input_norm", H)
-            a = self.portable_attention(normed, i, cos, sin, allowed)
+            a = self.portable_attention(normed, i, cos, sin, allowed, slots)
             h = g.op("Add", [h, a], f"/model/layers.{i}/attn_residual")
             m = self.ffn(self.rms(h, f"{p}.post_attention_layernorm.weight", f"/model/layers.{i}/post_norm", H), i)
             h = g.op("Add", [h, m], f"/model/layers.{i}/mlp_residual")
@@ -399,10 +444,17 @@ class _Builder:
         else:
             self.portable()
         batch, seq, past, total = DIMS
+        if self.variant == "static":
+            batch, past, total = 1, "capacity", "capacity"
         kv = [cfg.num_kv_heads, None, cfg.head_dim]
-        inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, [batch, seq]),
-                  helper.make_tensor_value_info("attention_mask", TensorProto.INT64, [batch, total])]
-        if self.variant == "portable":
+        if self.variant == "static":
+            inputs = [helper.make_tensor_value_info("inputs_embeds", TensorProto.FLOAT, [1, seq, cfg.hidden_size]),
+                      helper.make_tensor_value_info("rope_cos", TensorProto.FLOAT, [1, seq, cfg.head_dim]),
+                      helper.make_tensor_value_info("rope_sin", TensorProto.FLOAT, [1, seq, cfg.head_dim])]
+        else:
+            inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, [batch, seq]),
+                      helper.make_tensor_value_info("attention_mask", TensorProto.INT64, [batch, total])]
+        if self.variant != "ort":
             inputs.append(helper.make_tensor_value_info("position_ids", TensorProto.INT64, [batch, seq]))
         outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [batch, seq, cfg.vocab_size])]
         for i in range(cfg.num_layers):

@@ -95,7 +95,7 @@ def resolve_device(device: str) -> tuple[str, str]:
 def runtime_for(artifact: Path) -> str | None:
     from runtimes import RUNTIMES
 
-    for name in ("llama_cpp", "onnxruntime", "torch"):
+    for name in ("llama_cpp", "onnxruntime", "mnn", "torch"):
         if name in RUNTIMES and RUNTIMES[name].handles(artifact):
             return name
     return None
@@ -104,8 +104,8 @@ def runtime_for(artifact: Path) -> str | None:
 def artifact_size(artifact: Path) -> int:
     if artifact.is_file():
         return artifact.stat().st_size
-    weights = [p for p in artifact.iterdir() if p.name.startswith("model.onnx") or p.suffix in (".safetensors", ".bin",
-                                                                                                  ".mnn", ".pth")]
+    weights = [p for p in artifact.iterdir() if p.name.startswith(("model.onnx", "embeddings."))
+               or p.suffix in (".safetensors", ".bin", ".mnn", ".pth")]
     return sum(p.stat().st_size for p in weights)
 
 
@@ -134,6 +134,10 @@ def artifact_format(artifact: Path, runtime: str | None) -> str:
         meta = artifact / "export.json"
         info = json.loads(meta.read_text()) if meta.is_file() else {}
         return f"onnx {info.get('variant', '')} {info.get('dtype', '')}".strip()
+    if runtime == "mnn":
+        meta = artifact / "export.json"
+        info = json.loads(meta.read_text()) if meta.is_file() else {}
+        return f"mnn {info.get('bits', '?')}-bit"
     return "checkpoint" if runtime == "torch" else "unknown"
 
 

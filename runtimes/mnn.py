@@ -1,0 +1,141 @@
+"""MNN through the wheel's Python binding (MNN.nn / MNN.expr): logits for a sequence and timed generation for the
+folders `toolkit export mnn` writes.
+
+The graph's KV cache is a fixed-capacity buffer per layer, passed in and returned each call; the returned MNN
+Vars are fed straight back (no numpy round trip). Capacity grows in steps of 64 slots when a sequence outgrows it,
+so decode steps keep the same input shapes and MNN plans the graph once per 64 tokens, not once per token, while
+attention never runs over more than 63 empty slots (each step reads and writes the whole buffer).
+Embedding rows come from the folder's 16-bit file. Text is decoded with the bundle's tokenizer, never with MNN's
+(its binding raises on partial UTF-8).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from runtimes import Generation, decode_loop
+from toolkit.errors import ToolkitError
+
+CAPACITY_STEP = 64
+
+
+@contextlib.contextmanager
+def _quiet_stdout():
+    """MNN's engine prints the CPU's feature flags to the C-level stdout when it is first imported."""
+    saved = os.dup(1)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 1)
+        yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+        os.close(devnull)
+
+
+def _engine():
+    with _quiet_stdout():
+        import MNN.expr as F
+        import MNN.nn as nn
+    return nn, F
+
+
+
+class MnnRuntime:
+    name = "mnn"
+
+    def __init__(self, artifact, threads: int = 1, memory_mode: str | None = None):
+        p = Path(artifact)
+        self.dir = p.parent if p.suffix == ".mnn" else p
+        meta_path = self.dir / "export.json"
+        if not meta_path.is_file():
+            raise ToolkitError(f"{self.dir} has no export.json", "export the model with `toolkit export mnn`")
+        self.meta = json.loads(meta_path.read_text())
+        g = self.meta["graph"]
+        self.layers, self.kv, self.hd, self.max_positions = (g["num_layers"], g["num_kv_heads"], g["head_dim"],
+                                                             g["max_positions"])
+        self.embed = np.load(self.dir / self.meta["embedding_file"], mmap_mode="r")
+        self.inv_freq = np.asarray(g["rope_inv_freq"], np.float32)
+        self.rope_sign = np.float32(g.get("rope_sign", 1))
+        nn, self.F = _engine()
+        mode = memory_mode or self.meta.get("memory_mode", "normal")
+        cache_names = [f"{{}}.{i}.{t}" for i in range(self.layers) for t in ("key", "value")]
+        inputs = ["inputs_embeds", "rope_cos", "rope_sin", "position_ids"] + [n.format("past_key_values")
+                                                                               for n in cache_names]
+        outputs = ["logits"] + [n.format("present") for n in cache_names]
+        memory = self.F.MemoryMode.Low if mode == "low" else self.F.MemoryMode.Normal
+        self.module = nn.load_module_from_file(str(self.dir / "model.mnn"), inputs, outputs, thread_num=threads,
+                                               memory_mode=memory)
+        if self.module is None:
+            raise ToolkitError(f"MNN cannot load {self.dir / 'model.mnn'}", "export it again")
+        self.capacity, self.cache, self.position = 0, [], 0
+        self.label = f"MNN {self.dir.name} ({self.meta.get('bits')}-bit, {mode} memory)"
+
+    # --- the cache ---
+    def _reserve(self, needed: int) -> None:
+        if needed > self.max_positions:
+            raise ToolkitError(f"{needed} positions exceed the model's {self.max_positions}",
+                               "use a shorter prompt or fewer new tokens")
+        if needed <= self.capacity:
+            return
+        capacity = min(-(-needed // CAPACITY_STEP) * CAPACITY_STEP, self.max_positions)
+        old = [np.array(v.read()) for v in self.cache]  # once per growth
+        self.cache = []
+        for array in old or [None] * (2 * self.layers):
+            grown = np.zeros([1, self.kv, capacity, self.hd], np.float32)
+            if array is not None:
+                grown[:, :, :array.shape[2]] = array
+            self.cache.append(self.F.const(grown, list(grown.shape), self.F.NCHW, self.F.float))
+        self.capacity = capacity
+
+    def reset(self) -> None:
+        """A fresh sequence. Stale slots stay in the buffers but are never seen: a query attends only to slots at
+        or before its position, all rewritten by then."""
+        self.position = 0
+
+    def step(self, token_ids: list[int]) -> np.ndarray:
+        """Feed tokens after the ones already seen; logits [len(token_ids), vocab]."""
+        n = len(token_ids)
+        self._reserve(self.position + n)
+        rows = np.asarray(self.embed[np.asarray(token_ids)], np.float32)[None]
+        F = self.F
+        embeds = F.const(rows, [1, n, rows.shape[-1]], F.NCHW, F.float)
+        positions = np.arange(self.position, self.position + n, dtype=np.int32)
+        angles = positions.astype(np.float32)[:, None] * self.inv_freq[None]
+        angles = np.concatenate([angles, angles], axis=-1)[None]  # [1, n, hd], as the reference's rotary table
+        cos = F.const(np.cos(angles), list(angles.shape), F.NCHW, F.float)
+        sin = F.const(self.rope_sign * np.sin(angles), list(angles.shape), F.NCHW, F.float)
+        outs = self.module.forward([embeds, cos, sin, F.const(positions[None], [1, n], F.NCHW, F.int),
+                                    *self.cache])
+        self.cache = list(outs[1:])
+        self.position += n
+        return np.array(outs[0].read(), dtype=np.float32).reshape(n, -1)
+
+    # --- the runtime interface ---
+    def logits(self, token_ids: list[int]) -> np.ndarray:
+        self.reset()
+        return self.step(list(token_ids))
+
+    def generate(self, token_ids: list[int], max_new_tokens: int, sampler: Callable[[np.ndarray], int],
+                 stop_ids: list[int] = (), on_token: Callable[[int], None] | None = None) -> Generation:
+        self.reset()
+        t0 = time.perf_counter()
+        nxt = sampler(self.step(list(token_ids))[-1])
+        t1 = time.perf_counter()
+        out, stopped = decode_loop(nxt, lambda t: self.step([t])[-1], sampler, max_new_tokens, stop_ids, on_token)
+        return Generation(out, t1 - t0, time.perf_counter() - t1, len(token_ids), stopped)
+
+    def tokenizer(self):
+        from toolkit.tokenizer import Tokenizer
+
+        return Tokenizer.from_dir(self.dir)
+
+
+def load(artifact, threads: int | None = None, device: str = "cpu", memory_mode: str | None = None, **_):
+    return MnnRuntime(artifact, threads=threads or 1, memory_mode=memory_mode)
