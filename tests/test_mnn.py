@@ -59,6 +59,18 @@ def test_16bit_matches_reference(family, tmp_path):
     assert not list(tmp_path.glob("onnx-*")) and not list(tmp_path.glob("*.partial-*"))
 
 
+@pytest.mark.parametrize("family", ["qwen2", "qwen3_moe", "minimind2_moe", "nanochat"])
+def test_other_families_16bit(family, tmp_path):
+    """The same graph covers every family of the architecture table (MoE in dense form, NanoChat's relu², weightless
+    norms, rotation by -theta and softcap)."""
+    bundle = random_bundle(family, seed=4)
+    export(bundle, tmp_path / "out", bits=16)
+    prefill, decode = _prefill_and_decode(weights.file_bundle(bundle, 16, 0), MnnRuntime(tmp_path / "out"))
+    # NanoChat: the converter truncates its softcap's 1/15 to fp16 (see exporters.mnn.TOLERANCE)
+    bound = 2e-3 if family == "nanochat" else 1e-4
+    assert prefill <= bound and decode <= bound, (prefill, decode)
+
+
 def test_16bit_trained_model_within_1e_2(trained_model, tmp_path):
     """On the trained model, against its fp32 weights: 64 tokens, the last 16 through the cache."""
     from toolkit.checkpoints import load_checkpoint

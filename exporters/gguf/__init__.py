@@ -130,7 +130,8 @@ def _k_quantize(bundle: ModelBundle, partial: Path, outtype: str, threads: int,
                            "rerun with --verbose; try --outtype q8_0")
     fallbacks = [" ".join(line.replace("warning:", "").split()) for line in lines if "falling back" in line]
     return GGUFReport(str(partial), base.arch, outtype, partial.stat().st_size, base.n_params, fallbacks,
-                      time.perf_counter() - t0, tensor_types=dict(Counter(tensor_types(partial).values())))
+                      time.perf_counter() - t0, tensor_types=dict(Counter(tensor_types(partial).values())),
+                      warnings=base.warnings)
 
 
 register(ExporterSpec("gguf", "GGUF for llama.cpp and Ollama", export))

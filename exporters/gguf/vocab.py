@@ -1,11 +1,14 @@
 """The GGUF tokenizer section, derived from tokenizer.json (never from a table of known hashes).
 
 Byte-level BPE becomes llama.cpp's `gpt2` model; the pre-tokenizer type is read from the pre-tokenizer spec: the
-GPT-2 split regex (HF `ByteLevel(use_regex=True)`) is `gpt-2`. What llama.cpp cannot reproduce is refused.
+GPT-2 split regex (HF `ByteLevel(use_regex=True)`) is `gpt-2`. Byte-fallback BPE with spaces as '▁' (SentencePiece
+converted to tokenizer.json: Llama 2, Mistral, TinyLlama) becomes llama.cpp's `llama` model with scores, byte
+pieces and the space-prefix flag. What llama.cpp cannot reproduce is refused.
 """
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 import gguf
@@ -29,17 +32,61 @@ def _pre_type(spec: dict[str, Any] | None) -> str:
                        "only byte-level BPE with the GPT-2 regex is supported for now")
 
 
-def add_vocab(writer: gguf.GGUFWriter, tokenizer: Tokenizer, vocab_size: int) -> None:
-    spec = json.loads(tokenizer.tok.to_str())
-    model = spec["model"]
-    if model.get("type") != "BPE" or spec.get("decoder", {}).get("type") != "ByteLevel":
-        raise ToolkitError(f"tokenizer model {model.get('type')} with {spec.get('decoder', {}).get('type')} "
-                           "decoder cannot be written to GGUF yet", "byte-level BPE tokenizers are supported")
-    merges = model.get("merges") or []
-    if not merges:
-        raise ToolkitError("tokenizer.json has no merges", "llama.cpp's gpt2 vocabulary needs the BPE merges")
-    merges = [" ".join(m) if isinstance(m, list) else m for m in merges]
-    pre = _pre_type(spec.get("pre_tokenizer"))
+def _spm_space_prefix(spec: dict[str, Any], warnings: list[str]) -> bool:
+    """Whether a byte-fallback BPE tokenizer (SentencePiece converted to tokenizer.json, Llama/Mistral style)
+    prefixes text with '▁': by a Prepend normalizer (legacy) or a Metaspace pre-tokenizer. Refuses what llama.cpp's
+    `llama` vocabulary (spaces as '▁', optional prefix, nothing else) cannot reproduce."""
+    def parts(node: dict[str, Any] | None, key: str) -> list[dict[str, Any]]:
+        if node is None:
+            return []
+        return node.get(key, []) if node.get("type") == "Sequence" else [node]
+
+    prefix = False
+    for n in parts(spec.get("normalizer"), "normalizers"):
+        if n.get("type") == "Prepend" and n.get("prepend") == "\u2581":
+            prefix = True
+        elif not (n.get("type") == "Replace" and n.get("pattern", {}).get("String") == " "
+                  and n.get("content") == "\u2581"):
+            raise ToolkitError(f"normalizer {json.dumps(n)[:100]} has no llama.cpp equivalent",
+                               "SentencePiece-style tokenizers may only map spaces to '▁' and prepend one")
+    for p in parts(spec.get("pre_tokenizer"), "pretokenizers"):
+        if p.get("type") == "Metaspace" and p.get("replacement") == "\u2581" and not p.get("split", False):
+            scheme = p.get("prepend_scheme", "always")
+            prefix = prefix or scheme in ("always", "first")
+            if scheme != "never":
+                # measured: HF's Metaspace adds no '▁' to text that already starts with a space; llama.cpp always
+                # adds one (and, unlike "first", also after special tokens)
+                warnings.append("the tokenizer's Metaspace prefix differs from llama.cpp's for text that starts "
+                                "with a space (llama.cpp adds one more '▁') or follows a special token")
+        else:
+            raise ToolkitError(f"pre-tokenizer {json.dumps(p)[:100]} has no llama.cpp equivalent",
+                               "SentencePiece-style tokenizers may only use a non-splitting Metaspace")
+    return prefix
+
+
+def _merge_scores(merges: list[str], vocab: dict[str, int]) -> dict[int, float]:
+    """llama.cpp's `llama` (SentencePiece) tokenizer merges the adjacent pair whose joined piece has the highest
+    score; BPE applies merges by rank. A piece scored minus the rank of the first merge that makes it gives the
+    same order (checked against the Hugging Face tokenizer on real text in the tests)."""
+    scores: dict[int, float] = {}
+    for rank, merge in enumerate(merges):
+        left, right = merge.split(" ", 1)
+        token = vocab.get(left + right)
+        if token is not None and token not in scores:
+            scores[token] = -float(rank)
+    return scores
+
+
+def _is_byte_fallback_bpe(spec: dict[str, Any]) -> bool:
+    decoder = spec.get("decoder") or {}
+    steps = decoder.get("decoders", []) if decoder.get("type") == "Sequence" else [decoder]
+    return (spec["model"].get("type") == "BPE" and bool(spec["model"].get("byte_fallback"))
+            and any(d.get("type") == "ByteFallback" for d in steps))
+
+
+def _token_list(tokenizer: Tokenizer, spec: dict[str, Any], vocab_size: int, classify) -> tuple[list, list]:
+    """Tokens in id order (holes as unused [PADn]) and their types; added tokens are control (special) or
+    user-defined, the rest as `classify(id, text)` says."""
     vocab = tokenizer.tok.get_vocab(with_added_tokens=True)
     by_id = {i: t for t, i in vocab.items()}
     added = {a["id"]: a for a in spec.get("added_tokens", [])}
@@ -53,12 +100,71 @@ def add_vocab(writer: gguf.GGUFWriter, tokenizer: Tokenizer, vocab_size: int) ->
             types.append(gguf.TokenType.CONTROL if added[i].get("special") else gguf.TokenType.USER_DEFINED)
         else:
             tokens.append(by_id[i])
-            types.append(gguf.TokenType.NORMAL)
+            types.append(classify(i, by_id[i]))
+    return tokens, types
+
+
+def _merges(model: dict[str, Any]) -> list[str]:
+    return [" ".join(m) if isinstance(m, list) else m for m in model.get("merges") or []]
+
+
+def _add_spm_vocab(writer: gguf.GGUFWriter, tokenizer: Tokenizer, spec: dict[str, Any], vocab_size: int
+                   ) -> list[str]:
+    model = spec["model"]
+    warnings: list[str] = []
+    prefix = _spm_space_prefix(spec, warnings)
+    vocab = tokenizer.tok.get_vocab(with_added_tokens=True)
+    merged = _merge_scores(_merges(model), vocab)
+    unk = vocab.get(model.get("unk_token") or "")
+
+    def classify(i: int, text: str) -> gguf.TokenType:
+        if i == unk:
+            return gguf.TokenType.UNKNOWN
+        return gguf.TokenType.BYTE if re.fullmatch(r"<0x[0-9A-F]{2}>", text) else gguf.TokenType.NORMAL
+
+    tokens, types = _token_list(tokenizer, spec, vocab_size, classify)
+    # pieces no merge makes are never chosen by BPE: the lowest score keeps llama.cpp from preferring them
+    scores = [merged.get(i, 0.0 if len(t) == 1 or types[i] != gguf.TokenType.NORMAL else -1e9)
+              for i, t in enumerate(tokens)]
+    writer.add_tokenizer_model("llama")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_scores(scores)
+    writer.add_token_types(types)
+    writer.add_add_space_prefix(prefix)
+    if unk is not None:
+        writer.add_unk_token_id(unk)
+    return warnings
+
+
+def add_vocab(writer: gguf.GGUFWriter, tokenizer: Tokenizer, vocab_size: int) -> list[str]:
+    """Write the tokenizer section; returns warnings about what llama.cpp tokenizes differently."""
+    spec = json.loads(tokenizer.tok.to_str())
+    model = spec["model"]
+    if _is_byte_fallback_bpe(spec):
+        warnings = _add_spm_vocab(writer, tokenizer, spec, vocab_size)
+        _add_special_ids(writer, tokenizer)
+        return warnings
+    if model.get("type") != "BPE" or spec.get("decoder", {}).get("type") != "ByteLevel":
+        raise ToolkitError(f"tokenizer model {model.get('type')} with {spec.get('decoder', {}).get('type')} "
+                           "decoder cannot be written to GGUF yet", "byte-level BPE and byte-fallback "
+                                                                    "(SentencePiece-style) BPE tokenizers are "
+                                                                    "supported")
+    merges = _merges(model)
+    if not merges:
+        raise ToolkitError("tokenizer.json has no merges", "llama.cpp's gpt2 vocabulary needs the BPE merges")
+    pre = _pre_type(spec.get("pre_tokenizer"))
+    tokens, types = _token_list(tokenizer, spec, vocab_size, lambda i, t: gguf.TokenType.NORMAL)
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre(pre)
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     writer.add_token_merges(merges)
+    _add_special_ids(writer, tokenizer)
+    return []
+
+
+def _add_special_ids(writer: gguf.GGUFWriter, tokenizer: Tokenizer) -> None:
     # llama.cpp defaults a gpt2 vocabulary's BOS/EOS to token 11 when absent: always write them
     for key, value in (("bos", tokenizer.bos_id), ("eos", tokenizer.eos_id), ("pad", tokenizer.pad_id)):
         if value is not None:

@@ -34,7 +34,7 @@ class GGUFReport:
         return 8 * self.size_bytes / self.n_params
 
 
-def _metadata(w: gguf.GGUFWriter, bundle: ModelBundle, arch: str, outtype: str) -> None:
+def _metadata(w: gguf.GGUFWriter, bundle: ModelBundle, arch: str, outtype: str) -> list[str]:
     cfg = bundle.config
     w.add_name(Path(bundle.provenance.get("path", "model")).stem)
     w.add_context_length(cfg.max_position_embeddings)
@@ -57,7 +57,7 @@ def _metadata(w: gguf.GGUFWriter, bundle: ModelBundle, arch: str, outtype: str) 
         w.add_expert_feed_forward_length(cfg.moe_intermediate_size)
         if cfg.fam.shared_expert:
             w.add_expert_shared_feed_forward_length(cfg.shared_expert_intermediate_size)
-    add_vocab(w, bundle.tokenizer, cfg.vocab_size)
+    return add_vocab(w, bundle.tokenizer, cfg.vocab_size)
 
 
 def write_gguf(bundle: ModelBundle, path: Path, outtype: str,
@@ -68,7 +68,7 @@ def write_gguf(bundle: ModelBundle, path: Path, outtype: str,
     arch = gguf_arch(bundle)
     tensors = list(plan(bundle, outtype))
     w = gguf.GGUFWriter(str(path), arch)
-    _metadata(w, bundle, arch, outtype)
+    warnings = _metadata(w, bundle, arch, outtype)
     for t in tensors:
         # quantized tensors are described by their byte shape; gguf-py turns it back into the element shape
         shape = t.shape if _plain(t) else gguf.quant_shape_to_byte_shape(t.shape, t.qtype)
@@ -83,7 +83,8 @@ def write_gguf(bundle: ModelBundle, path: Path, outtype: str,
     w.close()
     fallbacks = [f"{t.name}: {t.fallback} -> {t.qtype.name}" for t in tensors if t.fallback]
     return GGUFReport(str(path), arch, outtype, path.stat().st_size, bundle.num_parameters(), fallbacks,
-                      time.perf_counter() - t0, tensor_types=dict(Counter(t.qtype.name for t in tensors)))
+                      time.perf_counter() - t0, tensor_types=dict(Counter(t.qtype.name for t in tensors)),
+                      warnings=warnings)
 
 
 def _plain(t) -> bool:

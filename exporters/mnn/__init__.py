@@ -27,11 +27,12 @@ from toolkit.outputs import atomic_output, check_destination
 BITS = (16, 8, 4)
 MODEL_FILE = "model.mnn"
 EMBED_FILE = "embeddings.f16.npy"
-# max |logit difference| against the reference model on the file's own weights: MNN computes in fp32, but for 8/4
-# bits it runs its low-memory kernels, which quantize activations to int8 on the fly (as llama.cpp's q8 dot
-# products do), an error that grows with the logits' scale: the bound is the larger of the two
+# max |logit difference| against the reference model on the file's own weights, the larger of an absolute bound and
+# a share of the largest |logit|. 16 bits: MNN computes in fp32, but `--fp16` also truncates the graph's other float
+# constants (e.g. the 1/cap of a logit softcap: 1e-3 at NanoChat's logits). 8/4 bits: MNN's low-memory kernels
+# quantize activations to int8 on the fly (as llama.cpp's q8 dot products do), an error that grows with the scale.
 TOLERANCE = {16: 1e-3, 8: 0.1, 4: 0.25}
-RELATIVE = {16: 0.0, 8: 2e-2, 4: 5e-2}
+RELATIVE = {16: 1e-3, 8: 2e-2, 4: 5e-2}
 VERIFY_TEXT = "The quick brown fox jumps over the lazy dog. def main():\n    return 42\n你好，世界！ 🙂"
 PROMPT_TOKENS = 48
 DECODE_STEPS = 16  # 48 + 16 = 64 tokens, the last 16 through the cache
