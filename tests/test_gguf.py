@@ -34,7 +34,7 @@ def _max_diff(bundle, path, ids):
     return float(np.abs(got - ref).max()), float((got.argmax(-1) == ref.argmax(-1)).mean()), float(np.abs(ref).max())
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "qwen3_moe", "qwen2_moe"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "qwen3_moe", "qwen2_moe", "minimind2_moe"])
 def test_f32_and_f16_match_reference(family, tmp_path):
     extra = {"norm_topk_prob": False} if family == "qwen2_moe" else {}  # Qwen1.5-MoE's routing, llama.cpp's too
     bundle = random_bundle(family, seed=4, tie_word_embeddings=family != "qwen2", max_position_embeddings=2048,

@@ -46,13 +46,17 @@ FAMILIES: dict[str, Family] = {
                "qwen3_moe", False, True, True, gguf_arch="qwen3moe"),
         Family("qwen2_moe", "Qwen2-MoE (softmax top-k + sigmoid-gated shared expert)", "Qwen2MoeForCausalLM",
                "qwen2_moe", True, False, True, shared_expert=True, shared_expert_gated=True, gguf_arch="qwen2moe"),
-        # MiniMind2-MoE: top-k renormalised + one un-gated shared expert. No GGUF arch yet: llama.cpp's qwen2moe
-        # never renormalises, and its exact Qwen2-MoE form (zero shared gate) gives NaN in llama.cpp (measured).
+        # MiniMind2-MoE: top-k renormalised + one un-gated shared expert. Not llama.cpp's qwen2moe: it never
+        # renormalises, and the exact Qwen2-MoE form (zero shared gate) gives NaN in llama.cpp (measured).
         # Saved as Qwen2-MoE for transformers (see hf_writer): zero
         # q/k/v biases, a zero shared-expert gate (sigmoid(0) = 0.5) and the shared down projection doubled, all
         # exact in floating point.
+        # In GGUF it is llama.cpp's `granitemoe` with every Granite multiplier at 1 (attention scale 1/sqrt(hd)):
+        # softmax over the top-k router logits (= top-k of the softmax, renormalised), plus an un-gated shared
+        # expert, and llama's pair-wise RoPE (q/k rows permuted).
         Family("minimind2_moe", "MiniMind2 MoE (top-k renormalised + un-gated shared expert)",
-               "Qwen2MoeForCausalLM", "qwen2_moe", False, False, True, shared_expert=True),
+               "Qwen2MoeForCausalLM", "qwen2_moe", False, False, True, shared_expert=True, gguf_arch="granitemoe",
+               gguf_permute_qk=True),
         # NanoChat (karpathy/nanochat) era A: the original release, and what transformers' NanoChat computes.
         # Weightless QK-norm commutes with the rotation, so norm-then-RoPE equals nanochat's RoPE-then-norm.
         Family("nanochat", "NanoChat era A (ReLU² MLP, weightless RMSNorms incl. after the embedding, QK-norm, "

@@ -15,11 +15,12 @@ from toolkit.errors import ToolkitError
 from toolkit.rope_layout import half_to_pairs
 
 ARCHS = {"llama": gguf.MODEL_ARCH.LLAMA, "qwen2": gguf.MODEL_ARCH.QWEN2, "qwen3": gguf.MODEL_ARCH.QWEN3,
-         "qwen3moe": gguf.MODEL_ARCH.QWEN3MOE, "qwen2moe": gguf.MODEL_ARCH.QWEN2MOE}
+         "qwen3moe": gguf.MODEL_ARCH.QWEN3MOE, "qwen2moe": gguf.MODEL_ARCH.QWEN2MOE,
+         "granitemoe": gguf.MODEL_ARCH.GRANITE_MOE}
 # archs whose loader falls back to token_embd when output.weight is absent (tied embeddings); others need it written
-TIED_FALLBACK = {"llama", "qwen2", "qwen3", "qwen3moe"}
+TIED_FALLBACK = {"llama", "qwen2", "qwen3", "qwen3moe", "granitemoe"}
 # llama.cpp's MoE archs fix whether the top-k expert weights are renormalised (build_moe_ffn's norm_w)
-RENORMALISES = {"qwen3moe": True, "qwen2moe": False}
+RENORMALISES = {"qwen3moe": True, "qwen2moe": False, "granitemoe": True}
 
 OUTTYPES = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
             "bf16": gguf.GGMLQuantizationType.BF16, "q8_0": gguf.GGMLQuantizationType.Q8_0,

@@ -57,6 +57,11 @@ def _metadata(w: gguf.GGUFWriter, bundle: ModelBundle, arch: str, outtype: str) 
         w.add_expert_feed_forward_length(cfg.moe_intermediate_size)
         if cfg.fam.shared_expert:
             w.add_expert_shared_feed_forward_length(cfg.shared_expert_intermediate_size)
+    if arch == "granitemoe":  # Granite's multipliers, all read by llama.cpp: set to what a plain decoder does
+        w.add_embedding_scale(1.0)
+        w.add_residual_scale(1.0)
+        w.add_logit_scale(1.0)
+        w.add_attention_scale(1.0 / cfg.head_dim ** 0.5)
     return add_vocab(w, bundle.tokenizer, cfg.vocab_size)
 
 
