@@ -3,7 +3,6 @@ generation. llama.cpp's log output is silenced unless --verbose."""
 from __future__ import annotations
 
 import contextlib
-import os
 import time
 from pathlib import Path
 from typing import Callable
@@ -12,23 +11,12 @@ import numpy as np
 
 from runtimes import Generation, decode_loop
 from toolkit.errors import ToolkitError
+from toolkit.fd_redirect import redirected
 
 
-@contextlib.contextmanager
 def _quiet(enabled: bool):
     """llama.cpp writes to the C-level stderr; point fd 2 at /dev/null while it loads."""
-    if not enabled:
-        yield
-        return
-    saved = os.dup(2)
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    try:
-        os.dup2(devnull, 2)
-        yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(devnull)
+    return redirected(2) if enabled else contextlib.nullcontext()
 
 
 class LlamaCppRuntime:

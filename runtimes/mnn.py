@@ -10,9 +10,7 @@ Embedding rows come from the folder's 16-bit file. Text is decoded with the bund
 """
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import time
 from pathlib import Path
 from typing import Callable
@@ -21,30 +19,16 @@ import numpy as np
 
 from runtimes import Generation, decode_loop
 from toolkit.errors import ToolkitError
+from toolkit.fd_redirect import redirected
 
 CAPACITY_STEP = 64
 
 
-@contextlib.contextmanager
-def _quiet_stdout():
-    """MNN's engine prints the CPU's feature flags to the C-level stdout when it is first imported."""
-    saved = os.dup(1)
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    try:
-        os.dup2(devnull, 1)
-        yield
-    finally:
-        os.dup2(saved, 1)
-        os.close(saved)
-        os.close(devnull)
-
-
 def _engine():
-    with _quiet_stdout():
+    with redirected(1):  # MNN's engine prints the CPU's feature flags to the C-level stdout on first import
         import MNN.expr as F
         import MNN.nn as nn
     return nn, F
-
 
 
 class MnnRuntime:

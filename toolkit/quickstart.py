@@ -7,7 +7,6 @@ Every export verifies itself on the way. DIR is written as `DIR.partial-<pid>` a
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import time
 from pathlib import Path
@@ -24,6 +23,7 @@ PARITY_CTX = 256
 
 def run(dest: Path, force: bool = False, threads: int = 2, steps: int | None = None, repeats: int = 3,
         log: Callable[[str], None] = print, train_progress=None) -> dict:
+    from exporters import EXPORTERS
     from exporters.gguf import export as export_gguf
     from exporters.onnx import export as export_onnx
     from quant.onnx_weights import quantize_onnx_folder
@@ -64,11 +64,9 @@ def run(dest: Path, force: bool = False, threads: int = 2, steps: int | None = N
             q = quantize_onnx_folder(onnx_fp32, work / f"onnx-{kind}", kind, threads=threads)
             artifacts.append(work / f"onnx-{kind}")
             stage(f"ONNX {kind} ({q['size_bytes'] / 1e6:.1f} MB, lm_head {q['lm_head']})", t)
-        if importlib.util.find_spec("MNN") is not None:
-            from exporters.mnn import export as export_mnn
-
+        if "mnn" in EXPORTERS:  # registered where the MNN wheel is installed
             t = time.perf_counter()
-            report = export_mnn(bundle, work / "mnn-4bit", bits=4, group_size=64, threads=threads)
+            report = EXPORTERS["mnn"].export(bundle, work / "mnn-4bit", bits=4, group_size=64, threads=threads)
             artifacts.append(work / "mnn-4bit")
             stage(f"MNN 4-bit g64 ({report.size_bytes / 1e6:.1f} MB, verified in MNN: max |dlogit| "
                   f"{report.verification['max_abs_diff']:.2g})", t)

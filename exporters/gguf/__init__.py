@@ -4,7 +4,6 @@ from __future__ import annotations
 import contextlib
 import io
 from collections import Counter
-import os
 from pathlib import Path
 from typing import Callable
 
@@ -18,6 +17,7 @@ from exporters.gguf.modelfile import write_modelfile
 from exporters.gguf.writer import GGUFReport, write_gguf, write_manifest
 from toolkit.bundle import ModelBundle
 from toolkit.errors import ToolkitError, VerificationError
+from toolkit.fd_redirect import redirected
 from toolkit.outputs import atomic_output, check_destination
 
 # max |logit difference| allowed against the reference model on the file's own (dequantized) weights
@@ -114,13 +114,8 @@ def _k_quantize(bundle: ModelBundle, partial: Path, outtype: str, threads: int,
         # llama.cpp reports fallbacks through its log: on the C-level stderr, or through llama-cpp-python's
         # Python log callback (sys.stderr); capture both
         with tempfile.TemporaryFile() as log, contextlib.redirect_stderr(io.StringIO()) as py_log:
-            saved = os.dup(2)
-            os.dup2(log.fileno(), 2)
-            try:
+            with redirected(2, log.fileno()):
                 rc = llama_cpp.llama_model_quantize(str(source).encode(), str(partial).encode(), ctypes.byref(params))
-            finally:
-                os.dup2(saved, 2)
-                os.close(saved)
             log.seek(0)
             lines = (log.read().decode("utf-8", "replace") + py_log.getvalue()).splitlines()
     finally:

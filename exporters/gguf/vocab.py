@@ -32,24 +32,26 @@ def _pre_type(spec: dict[str, Any] | None) -> str:
                        "only byte-level BPE with the GPT-2 regex is supported for now")
 
 
+def _steps(node: dict[str, Any] | None, key: str) -> list[dict[str, Any]]:
+    """The parts of a tokenizer.json pipeline stage: a Sequence's list under `key`, else the stage itself."""
+    if node is None:
+        return []
+    return node.get(key, []) if node.get("type") == "Sequence" else [node]
+
+
 def _spm_space_prefix(spec: dict[str, Any], warnings: list[str]) -> bool:
     """Whether a byte-fallback BPE tokenizer (SentencePiece converted to tokenizer.json, Llama/Mistral style)
     prefixes text with '▁': by a Prepend normalizer (legacy) or a Metaspace pre-tokenizer. Refuses what llama.cpp's
     `llama` vocabulary (spaces as '▁', optional prefix, nothing else) cannot reproduce."""
-    def parts(node: dict[str, Any] | None, key: str) -> list[dict[str, Any]]:
-        if node is None:
-            return []
-        return node.get(key, []) if node.get("type") == "Sequence" else [node]
-
     prefix = False
-    for n in parts(spec.get("normalizer"), "normalizers"):
+    for n in _steps(spec.get("normalizer"), "normalizers"):
         if n.get("type") == "Prepend" and n.get("prepend") == "\u2581":
             prefix = True
         elif not (n.get("type") == "Replace" and n.get("pattern", {}).get("String") == " "
                   and n.get("content") == "\u2581"):
             raise ToolkitError(f"normalizer {json.dumps(n)[:100]} has no llama.cpp equivalent",
                                "SentencePiece-style tokenizers may only map spaces to '▁' and prepend one")
-    for p in parts(spec.get("pre_tokenizer"), "pretokenizers"):
+    for p in _steps(spec.get("pre_tokenizer"), "pretokenizers"):
         if p.get("type") == "Metaspace" and p.get("replacement") == "\u2581" and not p.get("split", False):
             scheme = p.get("prepend_scheme", "always")
             prefix = prefix or scheme in ("always", "first")
@@ -78,8 +80,7 @@ def _merge_scores(merges: list[str], vocab: dict[str, int]) -> dict[int, float]:
 
 
 def _is_byte_fallback_bpe(spec: dict[str, Any]) -> bool:
-    decoder = spec.get("decoder") or {}
-    steps = decoder.get("decoders", []) if decoder.get("type") == "Sequence" else [decoder]
+    steps = _steps(spec.get("decoder"), "decoders")
     return (spec["model"].get("type") == "BPE" and bool(spec["model"].get("byte_fallback"))
             and any(d.get("type") == "ByteFallback" for d in steps))
 

@@ -130,13 +130,11 @@ def bnb_weight_bytes(bundle, runtime: str) -> int:
 def artifact_format(artifact: Path, runtime: str | None) -> str:
     if runtime == "llama_cpp":
         return "gguf"
+    meta = artifact / "export.json"
+    info = json.loads(meta.read_text()) if meta.is_file() else {}
     if runtime == "onnxruntime":
-        meta = artifact / "export.json"
-        info = json.loads(meta.read_text()) if meta.is_file() else {}
         return f"onnx {info.get('variant', '')} {info.get('dtype', '')}".strip()
     if runtime == "mnn":
-        meta = artifact / "export.json"
-        info = json.loads(meta.read_text()) if meta.is_file() else {}
         return f"mnn {info.get('bits', '?')}-bit"
     return "checkpoint" if runtime == "torch" else "unknown"
 
