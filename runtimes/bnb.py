@@ -51,7 +51,9 @@ def _swap(model: torch.nn.Module, mode: str, device: torch.device, dtype: torch.
 class BnbRuntime(TorchRuntime):
     def __init__(self, bundle: ModelBundle, mode: str, threads: int | None = None, device: str = "cpu"):
         dtype = "float16" if device == "cuda" else "float32"
-        super().__init__(bundle, threads, device, dtype)
+        # eager decoding: the CUDA-graph step multiplies plain weight matrices, and bitsandbytes' layers hold packed
+        # ones (the timing is bitsandbytes' own kernels, as a user of it gets them)
+        super().__init__(bundle, threads, device, dtype, cuda_graph=False)
         _quiet()
         self.name = f"bnb_{mode}"
         self.quantized_layers = _swap(self.model, mode, self.device, self.dtype)

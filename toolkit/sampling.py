@@ -32,6 +32,7 @@ def make_sampler(temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
             order, p = order[:keep], p[:keep] / p[:keep].sum()
         return int(rng.choice(order, p=p))
 
+    sample.greedy = temperature == 0  # runtimes that can take the argmax on their device look for this
     return sample
 
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import statistics
 
-import numpy as np
+from toolkit.sampling import make_sampler
 
 
 def _median_std(xs: list[float]) -> tuple[float, float]:
@@ -12,8 +12,9 @@ def _median_std(xs: list[float]) -> tuple[float, float]:
 
 def time_generation(rt, prompt: list[int], new_tokens: int, repeats: int) -> dict:
     """Prefill and decode tokens/s of `rt.generate` (any runtime), each as median and std over `repeats` runs."""
-    greedy = lambda logits: int(np.argmax(logits))  # noqa: E731
-    rt.generate(prompt[:32], 4, greedy)  # warm-up: first-call allocations and lazy initialisation
+    greedy = make_sampler(0.0)
+    # warm-up at the timed length: first-call allocations, lazy initialisation, a CUDA graph for that cache size
+    rt.generate(prompt, 4, greedy)
     pre, dec = [], []
     for _ in range(repeats):
         g = rt.generate(prompt, new_tokens, greedy)
