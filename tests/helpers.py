@@ -36,9 +36,9 @@ def tiny_config(family: str, **kw) -> ArchConfig:
     return ArchConfig(**base).validate()
 
 
-def random_weights(cfg: ArchConfig, seed: int = 0) -> dict[str, torch.Tensor]:
+def random_weights(cfg: ArchConfig, seed: int = 0, std: float = 0.15) -> dict[str, torch.Tensor]:
     """Weights with randomised norms and biases, large enough that layout mistakes change the logits."""
-    model = init_weights(Decoder(cfg), seed=seed, std=0.15)
+    model = init_weights(Decoder(cfg), seed=seed, std=std)
     g = torch.Generator().manual_seed(seed + 1)
     state = {}
     for name, t in model.state_dict().items():
@@ -52,6 +52,6 @@ def random_weights(cfg: ArchConfig, seed: int = 0) -> dict[str, torch.Tensor]:
     return state
 
 
-def random_bundle(family: str, seed: int = 0, **kw) -> ModelBundle:
+def random_bundle(family: str, seed: int = 0, std: float = 0.15, **kw) -> ModelBundle:
     cfg = tiny_config(family, **kw)
-    return ModelBundle.from_tensors(cfg, random_weights(cfg, seed), tiny_tokenizer()).check()
+    return ModelBundle.from_tensors(cfg, random_weights(cfg, seed, std), tiny_tokenizer()).check()

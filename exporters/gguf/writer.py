@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -81,10 +82,22 @@ def write_gguf(bundle: ModelBundle, path: Path, outtype: str,
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_ti_data_to_file()
-    for i, t in enumerate(tensors):
-        w.write_tensor_data(t.data())  # one tensor in memory at a time
-        if progress:
-            progress(t.name, i + 1, len(tensors))
+    # the next tensor is read and converted in a second thread while this one is written (torch, numpy and file
+    # I/O release the GIL): at most two tensors in memory at a time
+    with ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(tensors[0].data) if tensors else None
+        for i, t in enumerate(tensors):
+            data = pending.result()
+            pending = pool.submit(tensors[i + 1].data) if i + 1 < len(tensors) else None
+            try:
+                w.write_tensor_data(data)
+            except BaseException:
+                if pending is not None:
+                    pending.cancel()
+                raise
+            del data
+            if progress:
+                progress(t.name, i + 1, len(tensors))
     w.close()
     fallbacks = [f"{t.name}: {t.fallback} -> {t.qtype.name}" for t in tensors if t.fallback]
     return GGUFReport(str(path), arch, outtype, path.stat().st_size, bundle.num_parameters(), fallbacks,
