@@ -2,13 +2,18 @@
 
 What is quantized: every linear layer of the decoder blocks (attention q/k/v/o, MLP). The token embedding and the
 lm_head keep their dtype, as GPTQ checkpoints and bitsandbytes do (the head shows quantization error most, the
-embedding is a lookup).
+embedding is a lookup) -- unless `--embed-bits 8` asks for the embedding in int8 (below).
 
 - int8 (`quant_method: toolkit_int8`, this project's format): `P.weight` int8 [out, in] and `P.weight_scale`
   fp32 [out]; weight = weight_scale[:, None] * weight. Symmetric per output channel, scale = max|w| / 127.
 - int4 (`quant_method: gptq`, GPTQ-v1 tensors, see quant/gptq_format.py): round-to-nearest or GPTQ over
   calibration text, run layer by layer through the reference model (each layer sees the outputs of the already
   quantized layers before it).
+- int4 with `--embed-bits 8`: also `model.embed_tokens.weight` int8 [vocab, hidden] and
+  `model.embed_tokens.weight_scale` fp32 [vocab] (this project's int8 layout, per row), marked by
+  `"toolkit_embed_bits": 8` in quantization_config. With tied embeddings the head is that same matrix. On a small
+  model the embedding is a large share of the file (mm26: 6.6 of 18.5 MB at 16 bits); transformers and GPTQModel
+  expect a float embedding, so such a folder is for this toolkit's runtimes and exporters.
 """
 from __future__ import annotations
 
@@ -27,6 +32,7 @@ from toolkit.bundle import ModelBundle
 from toolkit.errors import ToolkitError
 
 INT8_METHOD = "toolkit_int8"
+EMBED = "model.embed_tokens.weight"
 MIN_CALIB_TOKENS = 16
 
 
@@ -40,6 +46,7 @@ class Int4Options:
     nsamples: int = 128
     seqlen: int = 512
     calib: Path | None = None  # default: the checkpoint's calib.txt
+    embed_bits: int = 16  # 8: the token embedding int8 per row (toolkit_embed_bits)
 
 
 def quantized_linears(bundle: ModelBundle) -> list[str]:
@@ -203,6 +210,12 @@ def quantize_checkpoint(bundle: ModelBundle, out: Path, kind: str, opts: Int4Opt
                    "static_groups": True, "sym": opts.sym, "true_sequential": False, "damp_percent": opts.damp,
                    "checkpoint_format": "gptq", "format": "gptq", "pack_dtype": "int32", "lm_head": False,
                    "toolkit_method": opts.method}
+        if opts.embed_bits == 8:
+            tensors[EMBED] = _int8(bundle.load(EMBED, torch.float32))
+            qconfig["toolkit_embed_bits"] = 8
+            qconfig["toolkit_embed_format"] = ("model.embed_tokens.weight int8 [vocab, hidden], "
+                                               "model.embed_tokens.weight_scale float32 [vocab]; "
+                                               "embedding = weight_scale[:, None] * weight")
     report["seconds"] = time.perf_counter() - t0
     for parts in tensors.values():
         for t in parts.values():
@@ -249,6 +262,13 @@ def dequantized_refs(refs: dict, quantization: dict, path: Path) -> tuple[dict, 
         weight = prefix + "weight"
         out[weight] = TensorRef(weight, tuple(shape), torch.float32, fn)
         raw[weight] = load_parts
+    if method == "gptq" and quantization.get("toolkit_embed_bits") == 8:
+        scale = EMBED.removesuffix("weight") + "weight_scale"
+        if EMBED not in out or scale not in out:
+            raise ToolkitError(f"{path}: toolkit_embed_bits 8 but {scale} is missing", "the folder is damaged")
+        members = {"weight": out.pop(EMBED), "weight_scale": out.pop(scale)}
+        out[EMBED] = TensorRef(EMBED, tuple(members["weight"].shape), torch.float32,
+                               lambda m=members: _int8_dequantize({p: r.load() for p, r in m.items()}))
     return out, raw
 
 

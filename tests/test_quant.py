@@ -88,6 +88,36 @@ def test_gptq_beats_rtn_in_kld_and_ppl(trained_model, quantized, fp32_scores):
     assert ppl_rtn > base_ppl  # 4 bits cost something: the comparison is not between two copies of fp32
 
 
+def test_int8_embedding_option(trained_model, quantized, tmp_path):
+    """--embed-bits 8: the embedding stored int8 per row (half its bytes), read back as the rounding it is, PPL
+    within 0.5 % of the same 4-bit checkpoint with the stored embedding, and still exported by the exporters."""
+    folder = _quantize("int4", trained_model, tmp_path / "rtn-e8", "--method", "rtn", "--embed-bits", "8")
+    cfg = json.loads((folder / "config.json").read_text())["quantization_config"]
+    assert cfg["toolkit_embed_bits"] == 8
+    stored = load_file(folder / "model.safetensors")
+    assert stored["model.embed_tokens.weight"].dtype == np.int8
+    original = load_checkpoint(trained_model).load("model.embed_tokens.weight", torch.float32)
+    vocab, hidden = original.shape
+    size = (folder / "model.safetensors").stat().st_size
+    size16 = (quantized["rtn"] / "model.safetensors").stat().st_size
+    saved = size16 - size
+    per_item = load_checkpoint(trained_model).tensors["model.embed_tokens.weight"].dtype.itemsize
+    assert abs(saved - (vocab * hidden * (per_item - 1) - 4 * vocab)) < 4096, (saved, size16, size)
+    back = load_checkpoint(folder).load("model.embed_tokens.weight")
+    step = original.abs().amax(1, keepdim=True) / 127
+    assert ((back - original).abs() <= step / 2 + 1e-7).all()  # round to nearest on each row's grid
+    assert (back - original).abs().max() > 0  # and it is a rounding, not a copy
+    tokens = _heldout(trained_model)
+    _, ppl = _scored_logprobs(folder, tokens)
+    _, ppl16 = _scored_logprobs(quantized["rtn"], tokens)
+    assert np.isfinite(ppl) and ppl <= ppl16 * 1.005, (ppl, ppl16)
+    proc = run_cli("export", "gguf", folder, "-o", tmp_path / "e8.gguf", "--outtype", "q8_0")
+    assert proc.returncode == 0, proc.stderr[-2000:]  # verified against the dequantized weights
+    dest = tmp_path / "bad"
+    assert "--embed-bits 4" in assert_usage_error(
+        run_cli("quantize", "int4", trained_model, "-o", dest, "--embed-bits", "4"), dest)
+
+
 def _unpack_gptq_v1(qweight, qzeros, scales, g_idx):
     """Independent reading of the GPTQ-v1 layout, element by element in numpy: qweight[i // 8, o] holds input row i
     in bits 4 * (i % 8); qzeros[g, o // 8] holds zero - 1 of output column o in bits 4 * (o % 8)."""

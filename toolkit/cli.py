@@ -522,6 +522,10 @@ def quantize_int4(
     device: Annotated[str, typer.Option(help="GPTQ compute device: auto, cpu or cuda.")] = "auto",
     lm_head_bits: Annotated[int, typer.Option(help="onnx: bits of the lm_head (8 keeps the most sensitive matmul "
                                                    "accurate; 4 is smaller).")] = 8,
+    embed_bits: Annotated[int, typer.Option(help="hf: bits of the token embedding (the output head too when tied): "
+                                                 "16 keeps it as stored, loadable by transformers/GPTQModel; 8 "
+                                                 "stores it int8 per row, half the size, read by this toolkit's "
+                                                 "runtimes and exporters only.")] = 16,
     variant: SourceVariantOpt = "ort",
     opset: SourceOpsetOpt = 20,
     threads: VerifyThreadsOpt = 1,
@@ -551,8 +555,10 @@ def quantize_int4(
     if seqlen < 1 or nsamples < 1 or not 0 < damp <= 1:
         raise ToolkitError("--seqlen and --nsamples must be positive and --damp in (0, 1]",
                            "the defaults are 512, 128 and 0.01")
+    if embed_bits not in (16, 8):
+        raise ToolkitError(f"--embed-bits {embed_bits} is not supported", "use 16 (as stored) or 8")
     opts = Int4Options(method=method, group_size=group_size or 128, sym=sym, act_order=act_order, damp=damp,
-                       nsamples=nsamples, seqlen=seqlen, calib=calib)
+                       nsamples=nsamples, seqlen=seqlen, calib=calib, embed_bits=embed_bits)
     _quantize_checkpoint("int4", src, out_dir, force, loader_args, opts, device)
 
 
