@@ -1,12 +1,14 @@
 #!/usr/bin/env python3
-"""GPU decode speed: this toolkit's fp16 baseline (eager, CUDA graph, CUDA graph + torch.compile) next to Hugging Face
-transformers `generate` (eager and static cache) on the same checkpoint, in the same run, on one GPU.
+"""GPU decode speed: this toolkit's fp16 decoder (eager; CUDA graph of torch ops; CUDA graph of our Triton kernels, the
+runtime's default; CUDA graph + torch.compile) next to Hugging Face transformers `generate` (eager and static cache)
+on the same checkpoint, in the same run, on one GPU.
 
 PROTOCOL.md's shape: batch 1, a 64-token prompt, 128 greedy tokens; median ± std of --runs runs after a warm-up;
 decode tok/s excludes the prefill (transformers: time(128 new) − time(1 new), over 127 tokens). Also prints the share
 of the bandwidth roof: tok/s × weight bytes read per token ÷ the device-to-device copy bandwidth measured here.
 
-    python bench/cuda_decode.py CKPT [CKPT ...] [--runs 5] [--no-compile] [--no-transformers] [--json OUT]
+    python bench/cuda_decode.py CKPT [CKPT ...] [--runs 5] [--no-compile] [--no-transformers] [--profile]
+                                [--json OUT]
 """
 from __future__ import annotations
 

@@ -7,6 +7,9 @@ of a Python int, q/k/v and gate/up fused into one matrix each (two launches fewe
 attention over the whole preallocated cache with a mask of the slots already written. Nothing in it depends on
 host values, so `GraphDecoder` records it once per cache capacity and replays it: one launch per token.
 
+With `fused=True` (CUDA with Triton, what the torch runtime uses there) the step's matrix products, attention and
+argmax are this project's Triton kernels (toolkit/triton_gemv.py): 5 launches per layer instead of ~20.
+
 The prefill runs through the reference model itself, writing into the same cache storage. Greedy decoding can stay
 on the device: each replay also writes argmax(logits) as the next input token, so the host reads tokens back only
 every few steps (to check stop tokens) instead of waiting for every token's logits.
