@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from toolkit.model import Decoder, KVCache
+from toolkit.model import Decoder, KVCache, rotate_half
 
 CAPACITY_STEP = 256  # caches (and their graphs) come in multiples of this many positions, so graphs are reused
 GREEDY_CHUNK = 16  # greedy tokens decoded on the device between two reads of the host
@@ -59,7 +59,7 @@ class StaticStep(nn.Module):
         self.fused = fused and batch == 1 and cfg.fam.mlp == "swiglu" and cfg.fam.norm_weights
         if self.fused:
             from toolkit import triton_gemv
-            self.gemv = triton_gemv.gemv
+            self.kernels = triton_gemv  # imported here: CPU installs have no Triton
             self.inv_freq = model.rope.inv_freq.to(device=device, dtype=torch.float32)
         # fused projections: one read of the layer input per matrix, two launches fewer per layer
         self.qkv_w, self.qkv_b, self.gate_up_w = [], [], []
@@ -118,8 +118,8 @@ class StaticStep(nn.Module):
         if att.q_norm is not None:
             q, k = att.q_norm(q), att.k_norm(k)
         q, k = q.transpose(1, 2), k.transpose(1, 2)  # [B, heads, 1, hd]
-        q = q * cos + _rotate_half(q) * sin
-        k = k * cos + _rotate_half(k) * sin
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
         # this token's key/value into its slot (batch 1 in generation: one position for the batch)
         self.k[i].index_copy_(2, pos[:1], k)
         self.v[i].index_copy_(2, pos[:1], v)
@@ -129,20 +129,17 @@ class StaticStep(nn.Module):
         return out.reshape(B, 1, q_dim)
 
     def _forward_fused(self, token: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        from toolkit.triton_gemv import attend
-
-        m, gemv, cfg = self.model, self.gemv, self.cfg
-        eps = cfg.rms_norm_eps
+        m, gemv, attend = self.model, self.kernels.gemv, self.kernels.attend
+        eps = self.cfg.rms_norm_eps
         x = m.model.embed_tokens(token).reshape(-1)  # [H]
         if m.model.embed_norm:
             x = m.model.norm(x)
-        inv_freq = self.inv_freq
         for i, layer in enumerate(m.model.layers):
             att = layer.self_attn
             qkv = gemv(x, self.qkv_w[i], norm=layer.input_layernorm.weight, norm_eps=eps)
             if self.qkv_b[i] is not None:
                 qkv = qkv + self.qkv_b[i]
-            out = attend(qkv, self.k[i], self.v[i], inv_freq, m.rope.sign, pos, self.nh, self.nkv, self.hd,
+            out = attend(qkv, self.k[i], self.v[i], self.inv_freq, m.rope.sign, pos, self.nh, self.nkv, self.hd,
                          att.q_norm.weight if att.q_norm is not None else None,
                          att.k_norm.weight if att.k_norm is not None else None, eps)
             x = gemv(out, att.o_proj.weight, residual=x)
@@ -150,11 +147,6 @@ class StaticStep(nn.Module):
             x = gemv(gate_up, layer.mlp.down_proj.weight, glu=True, residual=x)
         logits = gemv(x, m.lm_head.weight, norm=m.model.norm.weight, norm_eps=eps)
         return self._softcap(logits[None])
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
 class GraphDecoder:
@@ -183,9 +175,7 @@ class GraphDecoder:
         """step + bookkeeping, all on the device: logits, next greedy token into the input, position + 1."""
         self.logits = self.run_step(self.token, self.pos)
         if self.step.fused:
-            from toolkit.triton_gemv import greedy_advance
-
-            greedy_advance(self.logits[0], self.token, self.pos, self.generated)
+            self.step.kernels.greedy_advance(self.logits[0], self.token, self.pos, self.generated)
             return
         nxt = self.logits.argmax(-1, keepdim=True)  # [1, 1]
         self.generated.index_copy_(0, self.pos + 1, nxt[0])
