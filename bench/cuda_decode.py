@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """GPU decode speed: this toolkit's fp16 decoder (eager; CUDA graph of torch ops; CUDA graph of our Triton kernels, the
-runtime's default; CUDA graph + torch.compile) next to Hugging Face transformers `generate` (eager and static cache)
-on the same checkpoint, in the same run, on one GPU.
+runtime's default, and the same kernels without programmatic dependent launch; CUDA graph + torch.compile) next to
+Hugging Face transformers `generate` (eager and static cache) on the same checkpoint, in the same run, on one GPU.
 
 PROTOCOL.md's shape: batch 1, a 64-token prompt, 128 greedy tokens; median ± std of --runs runs after a warm-up;
 decode tok/s excludes the prefill (transformers: time(128 new) − time(1 new), over 127 tokens). Also prints the share
@@ -28,6 +28,11 @@ from runtimes.torch_runtime import TorchRuntime  # noqa: E402
 from toolkit.checkpoints import load_checkpoint  # noqa: E402
 from toolkit.sampling import make_sampler  # noqa: E402
 from toolkit.static_decode import GraphDecoder, capacity_for  # noqa: E402
+
+try:
+    from toolkit import triton_gemv
+except ImportError:  # no Triton: the fused rows are skipped by the runtime anyway
+    triton_gemv = None
 
 
 def med_std(xs):
@@ -181,6 +186,14 @@ def main() -> None:
             graph, prompt, a.new, a.runs, lambda x: int(np.argmax(x)))
         rows["ours CUDA graph + Triton kernels (the runtime's default), greedy on device"] = time_ours(
             graph, prompt, a.new, a.runs, make_sampler(0.0))
+        if triton_gemv is not None and triton_gemv._pdl():
+            # the same kernels launched plainly: what programmatic dependent launch gains
+            triton_gemv.USE_PDL = False
+            graph._graph = None
+            rows["ours CUDA graph + Triton kernels without dependent launch, greedy on device"] = time_ours(
+                graph, prompt, a.new, a.runs, make_sampler(0.0))
+            triton_gemv.USE_PDL = True
+            graph._graph = None
         variants = [] if a.no_compile else [("ours CUDA graph + torch.compile (no Triton kernels of ours)", True,
                                              False)]
         for name, comp, fused in variants:

@@ -124,3 +124,51 @@ def test_fused_triton_gemv_and_fused_step():
         dec.prefill(prompt)
         got, _ = dec.decode(first, 60, make_sampler(0.0), greedy=True)
         assert got == want, family
+
+
+def _attention_reference(qkv, k_cache, v_cache, inv_freq, pos, nh, nkv, hd, q_norm, k_norm, eps):
+    """One token's attention in float64 with torch's ops: the function the Triton attention kernel computes."""
+    from toolkit.model import rotate_half
+
+    x = qkv.double()
+    q, k, v = x[:nh * hd].view(nh, hd), x[nh * hd:(nh + nkv) * hd].view(nkv, hd), x[(nh + nkv) * hd:].view(nkv, hd)
+    if q_norm is not None:
+        q = q * torch.rsqrt(q.pow(2).mean(-1, keepdim=True) + eps) * q_norm.double()
+        k = k * torch.rsqrt(k.pow(2).mean(-1, keepdim=True) + eps) * k_norm.double()
+    angle = pos * inv_freq.double()
+    cos, sin = torch.cat([angle, angle]).cos(), torch.cat([angle, angle]).sin()
+    q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+    keys = torch.cat([k_cache[0, :, :pos].double(), k[:, None]], dim=1)  # [nkv, pos + 1, hd]
+    vals = torch.cat([v_cache[0, :, :pos].double(), v[:, None]], dim=1)
+    qg = q.view(nkv, nh // nkv, hd)
+    weights = torch.softmax(qg @ keys.transpose(1, 2) * hd ** -0.5, dim=-1)
+    return (weights @ vals).reshape(nh * hd), k, v
+
+
+def test_triton_attention_kernel_over_split_contexts():
+    """The attention kernel splits a head's cache slots over programs (64 each) and merges their partial softmaxes
+    in the last program to finish: against float64 attention at positions on and around split edges, with more
+    splits than one merge block, GQA and QK-norm; the new key/value land in slot `pos`; the per-head counters are
+    left at zero for the next call (a stale counter would skip the merge)."""
+    pytest.importorskip("triton")
+    from toolkit.triton_gemv import attend, attend_scratch
+
+    g = torch.Generator(device="cuda").manual_seed(3)
+    for nh, nkv, hd, capacity, qk_norm in ((12, 4, 128, 4096, False), (8, 8, 64, 1024, True)):
+        k_cache = torch.randn(1, nkv, capacity, hd, device="cuda", generator=g, dtype=torch.float16)
+        v_cache = torch.randn(1, nkv, capacity, hd, device="cuda", generator=g, dtype=torch.float16)
+        inv_freq = 1e4 ** -(torch.arange(0, hd, 2, device="cuda").float() / hd)
+        qn = 1 + 0.2 * torch.randn(hd, device="cuda", generator=g) if qk_norm else None
+        kn = 1 + 0.2 * torch.randn(hd, device="cuda", generator=g) if qk_norm else None
+        scratch = attend_scratch(nh, hd, capacity, "cuda")
+        for pos in (0, 1, 63, 64, 65, 200, 1023, capacity - 1 if capacity > 1024 else 700):
+            qkv = torch.randn((nh + 2 * nkv) * hd, device="cuda", generator=g, dtype=torch.float16)
+            want, k_new, v_new = _attention_reference(qkv, k_cache, v_cache, inv_freq, pos, nh, nkv, hd, qn, kn,
+                                                      1e-6)
+            got = attend(qkv, k_cache, v_cache, inv_freq, 1, torch.tensor([pos], device="cuda"), nh, nkv, hd,
+                         qn, kn, 1e-6, scratch)
+            torch.cuda.synchronize()
+            assert (got.double() - want).abs().max().item() < 5e-3, (nh, pos)
+            assert (k_cache[0, :, pos].double() - k_new).abs().max().item() < 5e-3
+            assert torch.equal(v_cache[0, :, pos].double(), v_new)
+            assert int(scratch[1].abs().sum()) == 0

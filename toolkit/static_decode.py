@@ -61,6 +61,7 @@ class StaticStep(nn.Module):
             from toolkit import triton_gemv
             self.kernels = triton_gemv  # imported here: CPU installs have no Triton
             self.inv_freq = model.rope.inv_freq.to(device=device, dtype=torch.float32)
+            self.attn_scratch = triton_gemv.attend_scratch(self.nh, self.hd, capacity, device)
         # fused projections: one read of the layer input per matrix, two launches fewer per layer
         self.qkv_w, self.qkv_b, self.gate_up_w = [], [], []
         for layer in model.model.layers:
@@ -141,7 +142,7 @@ class StaticStep(nn.Module):
                 qkv = qkv + self.qkv_b[i]
             out = attend(qkv, self.k[i], self.v[i], self.inv_freq, m.rope.sign, pos, self.nh, self.nkv, self.hd,
                          att.q_norm.weight if att.q_norm is not None else None,
-                         att.k_norm.weight if att.k_norm is not None else None, eps)
+                         att.k_norm.weight if att.k_norm is not None else None, eps, self.attn_scratch)
             x = gemv(out, att.o_proj.weight, residual=x)
             gate_up = gemv(x, self.gate_up_w[i], norm=layer.post_attention_layernorm.weight, norm_eps=eps)
             x = gemv(gate_up, layer.mlp.down_proj.weight, glu=True, residual=x)
