@@ -107,7 +107,7 @@ def _k_quantize(bundle: ModelBundle, partial: Path, outtype: str, threads: int,
     t0 = time.perf_counter()
     source = partial.with_name(partial.name + ".f32")
     try:
-        base = write_gguf(bundle, source, "f32", progress)
+        base = write_gguf(bundle, source, "f32", progress, direct=False)  # read again at once by the quantizer
         params = llama_cpp.llama_model_quantize_default_params()
         params.ftype = getattr(llama_cpp, KQUANTS[outtype])
         params.nthread = threads

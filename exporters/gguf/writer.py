@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections import Counter
+from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,7 +14,11 @@ import gguf
 from exporters.gguf.tensors import FILE_TYPES, OUTTYPES, gguf_arch, plan
 from exporters.gguf.vocab import add_vocab
 from toolkit.bundle import ModelBundle
+from toolkit.direct_write import DirectAppender
 from toolkit.errors import ToolkitError
+
+
+LOOKAHEAD = 1  # tensors converted ahead of the one being written (2 measured +0.1 GB of peak memory for no clear gain)
 
 
 @dataclass
@@ -67,7 +71,9 @@ def _metadata(w: gguf.GGUFWriter, bundle: ModelBundle, arch: str, outtype: str) 
 
 
 def write_gguf(bundle: ModelBundle, path: Path, outtype: str,
-               progress: Callable[[str, int, int], None] | None = None) -> GGUFReport:
+               progress: Callable[[str, int, int], None] | None = None, direct: bool = True) -> GGUFReport:
+    """The GGUF file at `path`, tensors converted and written one at a time. `direct`: bypass the page cache for
+    the tensor data (off for a file that is read again at once, like the K-quantizer's f32 input)."""
     if outtype not in OUTTYPES:
         raise ToolkitError(f"unknown GGUF type '{outtype}'", f"choose one of: {', '.join(OUTTYPES)}")
     t0 = time.perf_counter()
@@ -79,26 +85,40 @@ def write_gguf(bundle: ModelBundle, path: Path, outtype: str,
         # quantized tensors are described by their byte shape; gguf-py turns it back into the element shape
         shape = t.shape if _plain(t) else gguf.quant_shape_to_byte_shape(t.shape, t.qtype)
         w.add_tensor_info(t.name, shape, _np_dtype(t), t.nbytes, raw_dtype=None if _plain(t) else t.qtype)
+    # gguf-py writes the header, metadata and tensor table; the tensor data is appended here, past the page cache
+    # where the file system allows (toolkit/direct_write.py: 5-10x faster on the measured machines)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_ti_data_to_file()
-    # the next tensor is read and converted in a second thread while this one is written (torch, numpy and file
-    # I/O release the GIL): at most two tensors in memory at a time
-    with ThreadPoolExecutor(1) as pool:
-        pending = pool.submit(tensors[0].data) if tensors else None
-        for i, t in enumerate(tensors):
-            data = pending.result()
-            pending = pool.submit(tensors[i + 1].data) if i + 1 < len(tensors) else None
-            try:
-                w.write_tensor_data(data)
-            except BaseException:
-                if pending is not None:
-                    pending.cancel()
-                raise
-            del data
-            if progress:
-                progress(t.name, i + 1, len(tensors))
     w.close()
+    out = DirectAppender(path, start=path.read_bytes(), direct=direct)
+    try:
+        # the next tensors are read and converted in other threads while this one is written (torch, numpy and
+        # file I/O release the GIL): at most LOOKAHEAD + 1 tensors in memory at a time
+        with ThreadPoolExecutor(LOOKAHEAD) as pool:
+            pending = deque(pool.submit(t.data) for t in tensors[:LOOKAHEAD])
+            for i, t in enumerate(tensors):
+                data = pending.popleft().result()
+                if i + LOOKAHEAD < len(tensors):
+                    pending.append(pool.submit(tensors[i + LOOKAHEAD].data))
+                try:
+                    if data.nbytes != t.nbytes:
+                        raise ToolkitError(f"internal error: tensor {t.name} converted to {data.nbytes} bytes, "
+                                           f"its table entry says {t.nbytes}", "report this with --debug output")
+                    out.pad(w.data_alignment)  # where llama.cpp expects each tensor: the table's offsets
+                    out.write(data)
+                except BaseException:
+                    for future in pending:
+                        future.cancel()
+                    raise
+                del data
+                if progress:
+                    progress(t.name, i + 1, len(tensors))
+        out.pad(w.data_alignment)
+    except BaseException:
+        out.abort()
+        raise
+    out.close()
     fallbacks = [f"{t.name}: {t.fallback} -> {t.qtype.name}" for t in tensors if t.fallback]
     return GGUFReport(str(path), arch, outtype, path.stat().st_size, bundle.num_parameters(), fallbacks,
                       time.perf_counter() - t0, tensor_types=dict(Counter(t.qtype.name for t in tensors)),
