@@ -102,9 +102,9 @@ def write_gguf(bundle: ModelBundle, path: Path, outtype: str,
                 if i + LOOKAHEAD < len(tensors):
                     pending.append(pool.submit(tensors[i + LOOKAHEAD].data))
                 try:
-                    if data.nbytes != t.nbytes:
-                        raise ToolkitError(f"internal error: tensor {t.name} converted to {data.nbytes} bytes, "
-                                           f"its table entry says {t.nbytes}", "report this with --debug output")
+                    if data.nbytes != t.nbytes:  # a bug here, not bad input: the table is already written
+                        raise RuntimeError(f"tensor {t.name} converted to {data.nbytes} bytes, its table entry "
+                                           f"says {t.nbytes}")
                     out.pad(w.data_alignment)  # where llama.cpp expects each tensor: the table's offsets
                     out.write(data)
                 except BaseException:
