@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections import Counter, deque
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,9 +16,6 @@ from exporters.gguf.vocab import add_vocab
 from toolkit.bundle import ModelBundle
 from toolkit.direct_write import DirectAppender
 from toolkit.errors import ToolkitError
-
-
-LOOKAHEAD = 1  # tensors converted ahead of the one being written (2 measured +0.1 GB of peak memory for no clear gain)
 
 
 @dataclass
@@ -93,14 +90,14 @@ def write_gguf(bundle: ModelBundle, path: Path, outtype: str,
     w.close()
     out = DirectAppender(path, start=path.read_bytes(), direct=direct)
     try:
-        # the next tensors are read and converted in other threads while this one is written (torch, numpy and
-        # file I/O release the GIL): at most LOOKAHEAD + 1 tensors in memory at a time
-        with ThreadPoolExecutor(LOOKAHEAD) as pool:
-            pending = deque(pool.submit(t.data) for t in tensors[:LOOKAHEAD])
+        # the next tensor is read and converted in a second thread while this one is written (torch, numpy and
+        # file I/O release the GIL): at most two tensors in memory at a time (converting two ahead measured no
+        # faster and +0.1 GB of peak memory on the 413M benchmark model)
+        with ThreadPoolExecutor(1) as pool:
+            pending = pool.submit(tensors[0].data) if tensors else None
             for i, t in enumerate(tensors):
-                data = pending.popleft().result()
-                if i + LOOKAHEAD < len(tensors):
-                    pending.append(pool.submit(tensors[i + LOOKAHEAD].data))
+                data = pending.result()
+                pending = pool.submit(tensors[i + 1].data) if i + 1 < len(tensors) else None
                 try:
                     if data.nbytes != t.nbytes:  # a bug here, not bad input: the table is already written
                         raise RuntimeError(f"tensor {t.name} converted to {data.nbytes} bytes, its table entry "
@@ -108,8 +105,8 @@ def write_gguf(bundle: ModelBundle, path: Path, outtype: str,
                     out.pad(w.data_alignment)  # where llama.cpp expects each tensor: the table's offsets
                     out.write(data)
                 except BaseException:
-                    for future in pending:
-                        future.cancel()
+                    if pending is not None:
+                        pending.cancel()
                     raise
                 del data
                 if progress:
