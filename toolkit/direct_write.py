@@ -76,16 +76,16 @@ class DirectAppender:
                 self._flush(self.filled + tail)
                 os.ftruncate(self.fd, length)
         finally:
+            self.abort()
+        return length
+
+    def abort(self) -> None:
+        """Close without writing what is staged (the caller removes the partial file)."""
+        if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
             del self.view
             self.buffer.close()
-        return length
-
-    def abort(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
 
     def _flush(self, n: int) -> None:
         out = memoryview(self.buffer)[:n]
