@@ -37,29 +37,30 @@ def register(spec: ExporterSpec) -> ExporterSpec:
     return spec
 
 
-# each exporter registers only where its packages are installed (the GPU machine's stack has no gguf, for one)
-try:
-    from exporters import gguf  # noqa: E402,F401
-except ImportError:  # pragma: no cover
-    pass
-try:
-    from exporters import onnx  # noqa: E402,F401
-except ImportError:  # pragma: no cover
-    pass
-
-try:
-    from exporters import mnn  # noqa: E402,F401
-except ImportError:  # pragma: no cover
-    pass
-
+# each exporter registers when its module is first imported, which works only where its packages are installed
+# (the GPU machine's stack has no gguf, for one); imported on demand so that one exporter does not pay for another's
+# imports (torch's 2 s, for the GGUF writer that needs no torch)
+MODULES = {"gguf": "exporters.gguf", "onnx": "exporters.onnx", "mnn": "exporters.mnn"}
 EXTRAS = {"gguf": "gguf", "onnx": "onnx", "mnn": "mnn"}
+
+
+def available(name: str) -> bool:
+    """Whether the exporter's packages are installed (it is registered once this returns True)."""
+    if name not in EXPORTERS and name in MODULES:
+        import importlib
+
+        try:
+            importlib.import_module(MODULES[name])
+        except ImportError:
+            return False
+    return name in EXPORTERS
 
 
 def get(name: str) -> ExporterSpec:
     """The exporter, or a clear error naming the extra to install."""
     from toolkit.errors import ToolkitError
 
-    if name not in EXPORTERS:
+    if not available(name):
         raise ToolkitError(f"the {name} exporter's packages are not installed",
                            f"pip install -e '.[{EXTRAS.get(name, name)}]'")
     return EXPORTERS[name]

@@ -83,3 +83,28 @@ def test_gguf_equals_gguf_py_own_writer(tmp_path):
         for direct in (True, False):
             writer.write_gguf(bundle, tmp_path / "ours.gguf", outtype, direct=direct)
             assert (tmp_path / "ours.gguf").read_bytes() == want, (outtype, direct)
+
+
+def test_a_write_that_fails_in_the_writer_thread_is_raised(tmp_path, monkeypatch):
+    """The disk write runs in a second thread: its error (here ENOSPC on the second chunk) reaches the caller at
+    the next hand-over or at close(), and abort() then ends without waiting forever."""
+    import errno
+
+    monkeypatch.setattr(direct_write, "CHUNK", 8192)
+    real = os.pwrite
+    offsets = []
+
+    def pwrite(fd, data, offset):
+        offsets.append(offset)
+        if len(offsets) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd, data, offset)
+
+    monkeypatch.setattr(direct_write.os, "pwrite", pwrite)
+    out = DirectAppender(tmp_path / "f.bin", direct=True)
+    with pytest.raises(OSError) as raised:
+        out.write(bytes(8192 * 5))
+        out.close()
+    assert raised.value.errno == errno.ENOSPC
+    out.abort()
+    assert out.fd == -1 and offsets[:2] == [0, 8192]

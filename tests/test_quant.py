@@ -101,7 +101,7 @@ def test_int8_embedding_option(trained_model, quantized, tmp_path):
     size = (folder / "model.safetensors").stat().st_size
     size16 = (quantized["rtn"] / "model.safetensors").stat().st_size
     saved = size16 - size
-    per_item = load_checkpoint(trained_model).tensors["model.embed_tokens.weight"].dtype.itemsize
+    per_item = load_checkpoint(trained_model).tensors["model.embed_tokens.weight"].itemsize
     assert abs(saved - (vocab * hidden * (per_item - 1) - 4 * vocab)) < 4096, (saved, size16, size)
     back = load_checkpoint(folder).load("model.embed_tokens.weight")
     step = original.abs().amax(1, keepdim=True) / 127

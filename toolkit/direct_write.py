@@ -6,6 +6,10 @@ virtual machines this project is measured on, fresh pages are slow to get: writi
 need the memory address, the file offset and the length aligned to the device's block, so the bytes are staged in a
 page-aligned buffer and written out in whole chunks; the last chunk is padded and the file cut back to its length.
 
+Two staging buffers: one is written out by a second thread (pwrite releases the GIL) while the caller fills the
+other, so the disk and the conversion that feeds it overlap. A caller that produces its bytes (a dtype conversion)
+writes them straight into the buffer through reserve() and commit(n) instead of building a copy first.
+
 Where O_DIRECT does not exist (macOS, Windows) or the file system refuses it (tmpfs and others answer EINVAL), the
 same bytes are written buffered.
 """
@@ -14,6 +18,8 @@ from __future__ import annotations
 import errno
 import mmap
 import os
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_for
 
 import numpy as np
 
@@ -22,7 +28,8 @@ BLOCK = 4096  # O_DIRECT alignment that holds for every common block device and 
 
 
 class DirectAppender:
-    """Sequential writer: `write(array_or_bytes)`, `pad(alignment)`, `close()` -> the file's length."""
+    """Sequential writer: `write(array_or_bytes)` or `reserve()` + `commit(n)`, `pad(alignment)`, `close()` -> the
+    file's length; `abort()` on failure (the caller removes the partial file)."""
 
     def __init__(self, path, start: bytes = b"", direct: bool = True):
         self.path = path
@@ -38,27 +45,39 @@ class DirectAppender:
                 self.direct = False
         if self.fd < 0:
             self.fd = os.open(path, flags, 0o644)
-        self.buffer = mmap.mmap(-1, CHUNK)  # anonymous: page-aligned, as O_DIRECT wants
-        self.view = np.frombuffer(self.buffer, dtype=np.uint8)
-        self.filled = 0  # bytes staged in the buffer
-        self.written = 0  # bytes already in the file (a multiple of CHUNK)
+        self.buffers = [mmap.mmap(-1, CHUNK) for _ in range(2)]  # anonymous: page-aligned, as O_DIRECT wants
+        self.views = [np.frombuffer(b, dtype=np.uint8) for b in self.buffers]
+        self.current = 0  # the buffer being filled; the other may be in flight
+        self.filled = 0  # bytes staged in the current buffer
+        self.written = 0  # bytes handed to the writer thread (a multiple of CHUNK)
+        self.writer = ThreadPoolExecutor(1, thread_name_prefix="direct-write")
+        self.pending: Future | None = None
         self.write(start)
 
     @property
     def length(self) -> int:
         return self.written + self.filled
 
+    def reserve(self) -> np.ndarray:
+        """The current buffer's free bytes (uint8, at least one): fill a prefix of it, then commit(n). The view
+        is valid until the next commit, write or pad."""
+        return self.views[self.current][self.filled:]
+
+    def commit(self, n: int) -> None:
+        self.filled += n
+        if self.filled == CHUNK:
+            self._flush(CHUNK)
+
     def write(self, data) -> None:
         src = np.frombuffer(memoryview(data).cast("B"), dtype=np.uint8) if not isinstance(data, np.ndarray) else \
             np.ascontiguousarray(data).reshape(-1).view(np.uint8)
         done = 0
         while done < src.size:
-            n = min(src.size - done, CHUNK - self.filled)
-            self.view[self.filled:self.filled + n] = src[done:done + n]
-            self.filled += n
+            free = self.reserve()
+            n = min(src.size - done, free.size)
+            free[:n] = src[done:done + n]
             done += n
-            if self.filled == CHUNK:
-                self._flush(CHUNK)
+            self.commit(n)
 
     def pad(self, alignment: int) -> None:
         """Zeros up to the next multiple of `alignment` of the file's length."""
@@ -72,25 +91,49 @@ class DirectAppender:
         try:
             if self.filled:
                 tail = -self.filled % BLOCK if self.direct else 0
-                self.view[self.filled:self.filled + tail] = 0
+                self.views[self.current][self.filled:self.filled + tail] = 0
                 self._flush(self.filled + tail)
-                os.ftruncate(self.fd, length)
+            self._wait()
+            os.ftruncate(self.fd, length)
         finally:
             self.abort()
         return length
 
     def abort(self) -> None:
         """Close without writing what is staged (the caller removes the partial file)."""
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-            del self.view
-            self.buffer.close()
+        if self.fd < 0:
+            return
+        if self.pending is not None:  # a write in flight still uses a buffer and the descriptor: let it end
+            wait_for([self.pending])
+            self.pending = None
+        self.writer.shutdown(wait=True)
+        os.close(self.fd)
+        self.fd = -1
+        del self.views
+        for b in self.buffers:
+            try:
+                b.close()
+            except BufferError:  # a view from reserve() is still alive (in an exception's traceback): the
+                pass  # buffer is freed with it
 
     def _flush(self, n: int) -> None:
-        out = memoryview(self.buffer)[:n]
+        """Hand the current buffer's first n bytes to the writer thread and switch buffers; the other buffer's
+        write must have ended first (its error, if any, is raised here)."""
+        self._wait()
+        self.pending = self.writer.submit(self._write_out, self.buffers[self.current], n, self.written)
+        self.written += n
+        self.current ^= 1
+        self.filled = 0
+
+    def _wait(self) -> None:
+        if self.pending is not None:
+            pending, self.pending = self.pending, None
+            pending.result()
+
+    def _write_out(self, buffer: mmap.mmap, n: int, offset: int) -> None:
+        out = memoryview(buffer)[:n]
         try:
-            self._pwrite_all(out, self.written)
+            self._pwrite_all(out, offset)
         except OSError as e:
             if not (self.direct and e.errno == errno.EINVAL):
                 raise
@@ -98,11 +141,9 @@ class DirectAppender:
             os.close(self.fd)
             self.fd = os.open(self.path, os.O_WRONLY, 0o644)
             self.direct = False
-            self._pwrite_all(out, self.written)
+            self._pwrite_all(out, offset)
         finally:
             out.release()
-        self.written += n
-        self.filled = 0
 
     def _pwrite_all(self, data: memoryview, offset: int) -> None:
         while len(data):

@@ -88,12 +88,22 @@ class MoE(nn.Module):
         self.experts = nn.ModuleList(MLP(cfg.hidden_size, cfg.moe_intermediate_size) for _ in range(cfg.num_experts))
         self.shared_expert = MLP(cfg.hidden_size, cfg.shared_expert_intermediate_size) if fam.shared_expert else None
         self.shared_expert_gate = nn.Linear(cfg.hidden_size, 1, bias=False) if fam.shared_expert_gated else None
+        # for verifying an engine that routes at lower precision (toolkit/routing_ties.py): record each token's
+        # gap between its k-th and (k+1)-th router logit, and take the (k+1)-th expert instead of the k-th at
+        # the token rows in `swap`
+        self.record_gaps = False
+        self.gaps: torch.Tensor | None = None
+        self.swap: set[int] = set()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
-        probs = F.softmax(self.gate(flat), dim=-1, dtype=torch.float32)
-        weights, chosen = torch.topk(probs, self.top_k, dim=-1)
+        logits = self.gate(flat)
+        probs = F.softmax(logits, dim=-1, dtype=torch.float32)
+        if self.record_gaps or self.swap:
+            weights, chosen = self._route_for_verification(logits, probs)
+        else:
+            weights, chosen = torch.topk(probs, self.top_k, dim=-1)
         if self.norm_topk_prob:
             weights = weights / weights.sum(dim=-1, keepdim=True)
         weights = weights.to(x.dtype)
@@ -108,6 +118,19 @@ class MoE(nn.Module):
                 shared = torch.sigmoid(self.shared_expert_gate(flat)) * shared
             out = out + shared
         return out.reshape(shape)
+
+    def _route_for_verification(self, logits: torch.Tensor, probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        k = self.top_k
+        if k >= probs.shape[-1]:  # every expert is chosen: no choice to record or swap
+            self.gaps = torch.full(probs.shape[:1], float("inf"))
+            return torch.topk(probs, k, dim=-1)
+        weights, chosen = torch.topk(probs, k + 1, dim=-1)
+        top = logits.float().gather(-1, chosen)
+        self.gaps = (top[:, k - 1] - top[:, k]).detach()
+        if self.swap:
+            rows = torch.tensor(sorted(self.swap))
+            weights[rows, k - 1], chosen[rows, k - 1] = weights[rows, k], chosen[rows, k]
+        return weights[:, :k], chosen[:, :k]
 
 
 class KVCache:

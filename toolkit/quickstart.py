@@ -23,7 +23,7 @@ PARITY_CTX = 256
 
 def run(dest: Path, force: bool = False, threads: int = 2, steps: int | None = None, repeats: int = 3,
         log: Callable[[str], None] = print, train_progress=None) -> dict:
-    from exporters import EXPORTERS
+    from exporters import EXPORTERS, available
     from exporters.gguf import export as export_gguf
     from exporters.onnx import export as export_onnx
     from quant.onnx_weights import quantize_onnx_folder
@@ -64,7 +64,7 @@ def run(dest: Path, force: bool = False, threads: int = 2, steps: int | None = N
             q = quantize_onnx_folder(onnx_fp32, work / f"onnx-{kind}", kind, threads=threads)
             artifacts.append(work / f"onnx-{kind}")
             stage(f"ONNX {kind} ({q['size_bytes'] / 1e6:.1f} MB, lm_head {q['lm_head']})", t)
-        if "mnn" in EXPORTERS:  # registered where the MNN wheel is installed
+        if available("mnn"):  # registered where the MNN wheel is installed
             t = time.perf_counter()
             report = EXPORTERS["mnn"].export(bundle, work / "mnn-4bit", bits=4, group_size=64, threads=threads)
             artifacts.append(work / "mnn-4bit")

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import gguf
 import numpy as np
-import torch
 
 from exporters.gguf.tensors import pair_permuted_heads, plan
 from toolkit.bundle import ModelBundle, TensorRef
@@ -35,9 +34,9 @@ def bundle_from_gguf(path: Path, bundle: ModelBundle) -> ModelBundle:
         else:
             parts = {planned.sources[0]: data}
         for name, array in parts.items():
-            tensor = torch.from_numpy(np.ascontiguousarray(array))
             heads = pair_permuted_heads(name, cfg)
             if heads:
-                tensor = pairs_to_half(tensor, heads)
-            refs[name] = TensorRef(name, tuple(tensor.shape), torch.float32, (lambda x=tensor: x))
+                array = pairs_to_half(array, heads)
+            array = np.ascontiguousarray(array)
+            refs[name] = TensorRef(name, tuple(array.shape), "float32", None, (lambda x=array: x))
     return ModelBundle(cfg, refs, bundle.tokenizer, dict(bundle.provenance))

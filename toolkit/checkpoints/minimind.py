@@ -13,9 +13,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from toolkit.arch import ArchConfig, family
 from toolkit.bundle import ModelBundle, TensorRef
@@ -24,6 +22,9 @@ from toolkit.checkpoints.sources import load_torch_state, refs_from_state
 from toolkit.errors import ToolkitError
 from toolkit.rope_layout import pairs_to_half
 from toolkit.tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    import torch
 
 ERA_DEFAULTS = {  # from MiniMind's config classes of each era
     "L": {"rms_norm_eps": 1e-5, "rope_theta": 1e6, "max_position_embeddings": 8192},
@@ -123,6 +124,8 @@ def _config_file(file: str | None) -> dict[str, Any]:
 
 def _infer(state: dict[str, torch.Tensor], era: str, opts: dict[str, Any],
            path: Path) -> tuple[ArchConfig, dict[str, TensorRef]]:
+    import torch
+
     needed = ["model.layers.0.self_attn.q_proj.weight", "model.layers.0.self_attn.k_proj.weight"]
     missing = [k for k in needed if k not in state]
     if missing:
@@ -192,6 +195,8 @@ def _infer(state: dict[str, torch.Tensor], era: str, opts: dict[str, Any],
 
 def _merge_shared_experts(state: dict[str, torch.Tensor], layers: int) -> dict[str, torch.Tensor]:
     """Several un-gated shared experts summed = one MLP with their intermediate channels concatenated (exact)."""
+    import torch
+
     out = {k: v for k, v in state.items() if ".mlp.shared_experts." not in k}
     for i in range(layers):
         p = f"model.layers.{i}.mlp."

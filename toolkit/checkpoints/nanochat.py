@@ -117,7 +117,7 @@ def _rename(refs: dict[str, TensorRef], file: Path) -> dict[str, TensorRef]:
         for pattern, target in NAMES:
             if re.match(pattern, name):
                 new = re.sub(pattern, target, name)
-                out[new] = TensorRef(new, ref.shape, ref.dtype, ref.loader)
+                out[new] = ref.renamed(new)
                 break
         else:
             raise ToolkitError(f"{file.name} has a tensor NanoChat era A does not: {name}",

@@ -4,20 +4,24 @@ from __future__ import annotations
 import json
 import pickle
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+import numpy as np
 
-from toolkit.bundle import TensorRef
+from toolkit.bundle import NUMPY_BITS, TensorRef
 from toolkit.errors import ToolkitError
 
-_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-              "BOOL": torch.bool}
+if TYPE_CHECKING:
+    import torch
+
+_ST_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
+              "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
 
 
 def safetensors_refs(file: Path) -> dict[str, TensorRef]:
-    """Header now, data on load() by positioned reads into fresh buffers. Not mmap: pages of a mapped file that
-    were read stay resident, so converting a model that way grows the process by the whole file."""
+    """Header now, data on load() (torch) or array() (numpy) by positioned reads into fresh buffers. Not mmap:
+    pages of a mapped file that were read stay resident, so converting a model that way grows the process by the
+    whole file."""
     size = file.stat().st_size
     try:
         with open(file, "rb") as f:
@@ -43,27 +47,27 @@ def safetensors_refs(file: Path) -> dict[str, TensorRef]:
         numel = 1
         for d in shape:
             numel *= d
-        if end - start != numel * dtype.itemsize or base + end > size:
+        if end - start != numel * np.dtype(NUMPY_BITS[dtype]).itemsize or base + end > size:
             raise ToolkitError(f"cannot read {file}: tensor {name} lies beyond the end of the file or has the "
                                "wrong byte length", "the file is truncated; download or export it again")
-        refs[name] = TensorRef(name, shape, dtype, (lambda o=base + start, nb=end - start, dt=dtype, sh=shape:
-                                                    _read(file, o, nb, dt, sh)))
+        refs[name] = TensorRef(name, shape, dtype, None, (lambda o=base + start, nb=end - start, dt=dtype, sh=shape:
+                                                          _read(file, o, nb, dt, sh)))
     return refs
 
 
-def _read(file: Path, offset: int, nbytes: int, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+def _read(file: Path, offset: int, nbytes: int, dtype: str, shape: tuple[int, ...]) -> np.ndarray:
     buf = bytearray(nbytes)
     with open(file, "rb") as f:
         f.seek(offset)
         if f.readinto(buf) != nbytes:
             raise ToolkitError(f"{file} ended early", "the file is truncated; download or export it again")
-    if nbytes == 0:
-        return torch.empty(shape, dtype=dtype)
-    return torch.frombuffer(buf, dtype=dtype).reshape(shape)
+    return np.frombuffer(buf, dtype=NUMPY_BITS[dtype]).reshape(shape)
 
 
-def load_torch_state(file: Path) -> dict[str, torch.Tensor]:
+def load_torch_state(file: Path) -> dict[str, "torch.Tensor"]:
     """A torch pickle of tensors, read with weights_only=True (memory-mapped when the format allows)."""
+    import torch
+
     try:
         try:
             obj = torch.load(str(file), map_location="cpu", weights_only=True, mmap=True)
@@ -97,5 +101,5 @@ def load_torch_state(file: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def refs_from_state(state: dict[str, torch.Tensor]) -> dict[str, TensorRef]:
+def refs_from_state(state: dict[str, "torch.Tensor"]) -> dict[str, TensorRef]:
     return {n: TensorRef(n, tuple(t.shape), t.dtype, (lambda t=t: t)) for n, t in state.items()}

@@ -119,7 +119,7 @@ def bnb_weight_bytes(bundle, runtime: str) -> int:
     for name, ref in bundle.tensors.items():
         n = ref.numel
         if name not in linears:
-            total += n * ref.dtype.itemsize
+            total += n * ref.itemsize
         elif runtime == "bnb_int8":
             total += n + 4 * ref.shape[0]
         else:
