@@ -55,11 +55,16 @@ def test_appender_falls_back_where_o_direct_is_refused(monkeypatch):
         path.unlink(missing_ok=True)
 
 
-def test_gguf_equals_gguf_py_own_writer(tmp_path):
+@pytest.mark.parametrize("step", [None, 16])
+def test_gguf_equals_gguf_py_own_writer(tmp_path, monkeypatch, step):
     """The oracle is gguf-py's writer: the same header, table and tensors written through
-    GGUFWriter.write_tensor_data give the same bytes as our appender, direct and buffered."""
+    GGUFWriter.write_tensor_data give the same bytes as our appender, direct and buffered, also when tensors are
+    converted in 16-value steps (many steps per tensor and per buffer)."""
     gguf = pytest.importorskip("gguf")
     from exporters.gguf import writer
+
+    if step:
+        monkeypatch.setattr(writer, "CONVERT_STEP", step)
     from exporters.gguf.tensors import gguf_arch, plan
     from tests.helpers import random_bundle
 

@@ -191,9 +191,10 @@ def test_export_cli_and_bad_inputs(tmp_path):
     assert "renormalises" in assert_usage_error(run_cli("export", "gguf", tmp_path / "mm2", "-o", dest), dest)
 
 
-def test_non_finite_weights_are_refused(tmp_path):
+def test_non_finite_weights_are_refused(tmp_path, monkeypatch):
     bundle = random_bundle("llama", seed=3)
     w = bundle.load("model.layers.0.mlp.up_proj.weight").clone()
+    clean = w.clone()
     w[0, 0] = float("nan")
     from toolkit.bundle import TensorRef
 
@@ -211,6 +212,16 @@ def test_non_finite_weights_are_refused(tmp_path):
     assert not (tmp_path / "big.gguf").exists()
     export(bundle, tmp_path / "big.gguf", "f32", verify_file=False)
     assert (tmp_path / "big.gguf").is_file()
+    # converted in small steps: a NaN in the first or the last step of a tensor is found
+    from exporters.gguf import writer
+
+    monkeypatch.setattr(writer, "CONVERT_STEP", 8)
+    for index in ((0, 0), (-1, -1)):
+        w.copy_(clean)
+        w[index] = float("nan")
+        with pytest.raises(ToolkitError, match="NaN"):
+            export(bundle, tmp_path / "nan.gguf", "f16", verify_file=False)
+        assert not (tmp_path / "nan.gguf").exists()
 
 
 def test_sigkill_mid_export_leaves_nothing_at_destination(tmp_path):

