@@ -48,12 +48,6 @@ class TensorRef:
             raise ValueError(f"tensor {self.name} has neither a loader nor a reader")
 
     @property
-    def torch_dtype(self) -> "torch.dtype":
-        import torch
-
-        return getattr(torch, self.dtype)
-
-    @property
     def itemsize(self) -> int:
         return np.dtype(NUMPY_BITS[self.dtype]).itemsize
 

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 MAX_LAYERS_PER_TOKEN = 4  # near-ties at more layers of one token: the 4 smallest gaps are tried (16 runs)
+MAX_RUNS = 256  # reference runs in all; past it the remaining near-ties keep the reference's own routes
 
 
 def _moe_layers(model) -> list:
@@ -53,10 +54,10 @@ def reference_logits(model, ids: list[int], engine: np.ndarray, gap: float) -> t
             return model(torch.tensor([ids]))[0].float().numpy(), 0
     swaps: set[tuple[int, int]] = set()
     logits, gaps = _run(model, layers, ids, swaps)
-    token = 0
+    runs, token = 1, 0
     while True:
         near = np.argwhere(gaps[:, token:] < gap)
-        if not len(near):
+        if not len(near) or runs >= MAX_RUNS:
             return logits, len(swaps)
         token = token + int(near[:, 1].min())
         tied = sorted(np.flatnonzero(gaps[:, token] < gap), key=lambda li: gaps[li, token])[:MAX_LAYERS_PER_TOKEN]
@@ -65,6 +66,7 @@ def reference_logits(model, ids: list[int], engine: np.ndarray, gap: float) -> t
             for combo in itertools.combinations(tied, n):
                 trial = swaps | {(int(li), token) for li in combo}
                 t_logits, t_gaps = _run(model, layers, ids, trial)
+                runs += 1
                 diff = float(np.abs(t_logits[token] - engine[token]).max())
                 if diff < best[0]:
                     best = (diff, combo, t_logits, t_gaps)
