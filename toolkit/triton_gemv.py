@@ -132,6 +132,17 @@ ATTEND_SPLIT = 64  # cache slots per attention program: a head's earlier slots a
 
 
 @triton.jit
+def _rotated_head(at_ptr, norm_ptr, d, partner, sign, cos, sin, eps, HD: tl.constexpr, QK_NORM: tl.constexpr):
+    """One head's query or key at `at_ptr`: per-head RMSNorm when QK_NORM (Qwen3), then RoPE (rotate_half layout)."""
+    x = tl.load(at_ptr + d).to(tl.float32)
+    xp = tl.load(at_ptr + partner).to(tl.float32)
+    if QK_NORM:
+        r = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / HD + eps)
+        x, xp = x * r * tl.load(norm_ptr + d).to(tl.float32), xp * r * tl.load(norm_ptr + partner).to(tl.float32)
+    return x * cos + sign * xp * sin
+
+
+@triton.jit
 def _attend_kernel(qkv_ptr, k_ptr, v_ptr, inv_freq_ptr, pos_ptr, qn_ptr, kn_ptr, out_ptr, part_ptr, count_ptr, C,
                    eps, scale, rope_sign, NH: tl.constexpr, NKV: tl.constexpr, HD: tl.constexpr,
                    QK_NORM: tl.constexpr, GDC: tl.constexpr, BLOCK_S: tl.constexpr, MAX_SPLITS,
@@ -155,13 +166,7 @@ def _attend_kernel(qkv_ptr, k_ptr, v_ptr, inv_freq_ptr, pos_ptr, qn_ptr, kn_ptr,
         angle = pos.to(tl.float32) * tl.load(inv_freq_ptr + d % (HD // 2))  # fp32, as the reference computes it
         cos = tl.cos(angle)
         sin = tl.sin(angle) * rope_sign
-        q_at = qkv_ptr + h * HD
-        q = tl.load(q_at + d).to(tl.float32)
-        qp = tl.load(q_at + partner).to(tl.float32)
-        if QK_NORM:  # per-head RMSNorm before the rotation (Qwen3)
-            rq = 1.0 / tl.sqrt(tl.sum(q * q, axis=0) / HD + eps)
-            q, qp = q * rq * tl.load(qn_ptr + d).to(tl.float32), qp * rq * tl.load(qn_ptr + partner).to(tl.float32)
-        q = q * cos + sign * qp * sin
+        q = _rotated_head(qkv_ptr + h * HD, qn_ptr, d, partner, sign, cos, sin, eps, HD, QK_NORM)
         cache_k = k_ptr + kvh * C * HD
         cache_v = v_ptr + kvh * C * HD
         s = j * BLOCK_S + tl.arange(0, BLOCK_S)
@@ -170,14 +175,8 @@ def _attend_kernel(qkv_ptr, k_ptr, v_ptr, inv_freq_ptr, pos_ptr, qn_ptr, kn_ptr,
         vals = tl.load(cache_v + s[:, None] * HD + d[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
         scores = tl.where(ok, tl.sum(keys * q[None, :], axis=1) * scale, float("-inf"))
         if j == 0:  # the new token: rotate its key, write it and its value to slot `pos`, attend to it
-            k_at = qkv_ptr + NH * HD + kvh * HD
-            k = tl.load(k_at + d).to(tl.float32)
-            kp = tl.load(k_at + partner).to(tl.float32)
+            k = _rotated_head(qkv_ptr + NH * HD + kvh * HD, kn_ptr, d, partner, sign, cos, sin, eps, HD, QK_NORM)
             v = tl.load(qkv_ptr + (NH + NKV) * HD + kvh * HD + d).to(tl.float32)
-            if QK_NORM:
-                rk = 1.0 / tl.sqrt(tl.sum(k * k, axis=0) / HD + eps)
-                k, kp = k * rk * tl.load(kn_ptr + d).to(tl.float32), kp * rk * tl.load(kn_ptr + partner).to(tl.float32)
-            k = k * cos + sign * kp * sin
             if h % (NH // NKV) == 0:  # one program per kv head writes the slot; the others read only earlier ones
                 tl.store(cache_k + pos * HD + d, k.to(k_ptr.dtype.element_ty))
                 tl.store(cache_v + pos * HD + d, v.to(v_ptr.dtype.element_ty))

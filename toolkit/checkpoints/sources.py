@@ -44,14 +44,12 @@ def safetensors_refs(file: Path) -> dict[str, TensorRef]:
                                "convert the checkpoint to fp32/fp16/bf16")
         shape = tuple(int(d) for d in info["shape"])
         start, end = (int(x) for x in info["data_offsets"])
-        numel = 1
-        for d in shape:
-            numel *= d
-        if end - start != numel * np.dtype(NUMPY_BITS[dtype]).itemsize or base + end > size:
+        ref = TensorRef(name, shape, dtype, None, (lambda o=base + start, nb=end - start, dt=dtype, sh=shape:
+                                                   _read(file, o, nb, dt, sh)))
+        if end - start != ref.numel * ref.itemsize or base + end > size:
             raise ToolkitError(f"cannot read {file}: tensor {name} lies beyond the end of the file or has the "
                                "wrong byte length", "the file is truncated; download or export it again")
-        refs[name] = TensorRef(name, shape, dtype, None, (lambda o=base + start, nb=end - start, dt=dtype, sh=shape:
-                                                          _read(file, o, nb, dt, sh)))
+        refs[name] = ref
     return refs
 
 
