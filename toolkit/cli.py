@@ -141,12 +141,15 @@ def train(
 # --- info ------------------------------------------------------------------------------------------------------
 @app.command()
 def info(
-    ckpt: Annotated[Path, typer.Argument(help="Checkpoint: Hugging Face folder, MiniMind .pth, or a trained run.")],
+    ckpt: Annotated[Path, typer.Argument(help="Checkpoint: Hugging Face folder, GGUF file, MiniMind .pth, NanoChat "
+                                              "folder, or a trained run.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
     arch: ArchOpt = None, tokenizer: TokenizerOpt = None, config: ConfigOpt = None, num_heads: HeadsOpt = None,
     experts_per_tok: TopkOpt = None, step: StepOpt = None,
 ):
     """Architecture, parameters, dtype, size, tokenizer and tied embeddings of a checkpoint (reads headers only)."""
+    from toolkit import rope
+
     bundle = _load(ckpt, arch, tokenizer, config, num_heads, experts_per_tok, step)
     cfg, tok = bundle.config, bundle.tokenizer
     size = sum(f.stat().st_size for f in Path(ckpt).rglob("*") if f.is_file()) if Path(ckpt).is_dir() \
@@ -156,6 +159,7 @@ def info(
         "arch": cfg.family, "description": cfg.fam.description, "hf_class": cfg.fam.hf_architecture,
         "parameters": bundle.num_parameters(), "dtypes": bundle.dtypes(), "size_bytes": size,
         "tied_embeddings": cfg.tie_word_embeddings,
+        "stored_types": bundle.provenance.get("gguf_tensor_types"),  # a GGUF's block types (read dequantized)
         "config": {k: v for k, v in cfg.to_dict().items() if k not in ("extra", "family")},
         "tokenizer": {"type": tok.kind, "vocab_size": tok.vocab_size, "bos": tok.bos_id, "eos": tok.eos_id,
                       "pad": tok.pad_id, "add_bos": tok.add_bos, "chat_template": bool(tok.chat_template)},
@@ -167,12 +171,13 @@ def info(
                                                                           if report["era"] else "")),
             ("arch", f"{cfg.family}: {cfg.fam.description}"),
             ("parameters", f"{report['parameters']:,} ({report['parameters'] / 1e6:.2f}M)"),
-            ("dtype", ", ".join(f"{k} {v:,}" for k, v in report["dtypes"].items())),
+            ("dtype", ", ".join(f"{k} {v:,}" for k, v in report["dtypes"].items())
+             + (f" (dequantized from GGUF {', '.join(report['stored_types'])})" if report["stored_types"] else "")),
             ("size", f"{size / 1e6:.1f} MB"),
             ("shape", f"hidden {cfg.hidden_size}, layers {cfg.num_layers}, heads {cfg.num_heads}/{cfg.num_kv_heads} "
                       f"(head_dim {cfg.head_dim}), ffn {cfg.intermediate_size or cfg.moe_intermediate_size}, "
                       f"vocab {cfg.vocab_size}"),
-            ("rope / norm", f"theta {cfg.rope_theta:g}, rms eps {cfg.rms_norm_eps:g}"),
+            ("rope / norm", f"{rope.describe(cfg)}, rms eps {cfg.rms_norm_eps:g}"),
             ("tied embeddings", str(cfg.tie_word_embeddings)),
             ("tokenizer", f"{tok.kind}, {tok.vocab_size} tokens, bos {tok.bos_id}, eos {tok.eos_id}, "
                           f"add_bos {tok.add_bos}, chat template {'yes' if tok.chat_template else 'no'}")]
@@ -229,13 +234,13 @@ def generate(
     sampler = make_sampler(temperature, top_k, top_p, seed)
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
     if is_gguf:  # an exported file runs in its own engine, with its own tokenizer
-        from toolkit.tokenizer import render_chat_template
-
         if not Path(model).is_file():
             raise ToolkitError(f"{model} does not exist", "check the path")
         rt = RUNTIMES[name].load(model, threads=threads, device=device, verbose=Flags.verbose)
-        if chat:
-            text = render_chat_template(rt.metadata("tokenizer.chat_template"), messages, None, None)
+        if chat:  # the file's Jinja as transformers renders it, tokenized as apply_chat_template does (no BOS added)
+            from exporters.gguf.chat_templates import gguf_chat_prompt
+
+            text = gguf_chat_prompt(Path(model), messages)
             ids, stops = rt.tokenize(text, special=True), rt.end_of_turn_ids()
         else:
             ids, stops = rt.tokenize(prompt), []
@@ -275,6 +280,14 @@ def generate(
 
 
 # --- convert ---------------------------------------------------------------------------------------------------
+def _verified(v: dict) -> str:
+    """The shared verifier's figures and the bar they were judged by, for the closing line of an export."""
+    from toolkit.verify import summary
+
+    bar = ", ".join(f"{k.replace('max_', '').replace('min_', '')} {val:g}" for k, val in v["bar"].items())
+    return f"{summary(v)}; bar for {v['judged_as']}: {bar}"
+
+
 @app.command()
 def convert(
     ckpt: Annotated[Path, typer.Argument(help="Checkpoint to convert.")],
@@ -339,8 +352,7 @@ def export_gguf(
     for line in report.warnings:
         err.print(f"[yellow]warning[/yellow] {line}")
     v = report.verification
-    checked = (f"verified in llama.cpp: max |dlogit| {v['max_abs_diff']:.2e} (<= {v['tolerance']:g}), argmax "
-               f"agreement {100 * v['argmax_agreement']:.1f}%, tokenizer identical") if v else "not verified"
+    checked = f"verified in llama.cpp ({_verified(v)}), tokenizer identical" if v else "not verified"
     types = ", ".join(f"{n} {k}" for k, n in sorted(report.tensor_types.items()))
     err.print(f"{report.arch} {outtype}: {report.size_bytes / 1e6:.1f} MB, {report.bits_per_weight:.2f} bits/weight "
               f"({types}), "
@@ -379,8 +391,8 @@ def export_onnx(
     check_variant(bundle, variant)
     report = get_exporter("onnx").export(bundle, dest, variant, opset, verify, force, threads)
     v = report.verification
-    checked = (f"verified in ONNX Runtime: max |dlogit| {v['max_abs_diff']:.2e} (<= {v['tolerance']:g}) over "
-               f"prefill + {v['decode_steps']} cached steps, batch 2 left-padded") if v else "not verified"
+    checked = (f"verified in ONNX Runtime over prefill + {v['decode_steps']} cached steps, batch 2 left-padded "
+               f"({_verified(v)})") if v else "not verified"
     top = ", ".join(f"{k} {n}" for k, n in list(report.nodes.items())[:6])
     err.print(f"{variant} opset {report.opset} (IR {report.ir_version}): {report.size_bytes / 1e6:.1f} MB, "
               f"{sum(report.nodes.values())} nodes ({top}, ...); {checked}")
@@ -398,8 +410,8 @@ def export_mnn(
                                                  "input width; 0 = one scale per output channel.")] = 64,
     hqq: Annotated[bool, typer.Option(help="Refine 8/4-bit scales with HQQ in MNN's converter.")] = False,
     verify: Annotated[bool, typer.Option(help="Run the model in MNN (prefill of 48 tokens + 16 cached steps) and "
-                                              "compare logits with the reference model on the file's weights "
-                                              "before keeping it.")] = True,
+                                              "judge its logits against the reference model by the shared "
+                                              "verifier's bar for the bit width before keeping it.")] = True,
     threads: VerifyThreadsOpt = 1,
     force: ForceOpt = False,
     arch: ArchOpt = None, tokenizer: TokenizerOpt = None, config: ConfigOpt = None, num_heads: HeadsOpt = None,
@@ -417,8 +429,7 @@ def export_mnn(
     bundle = _load(ckpt, arch, tokenizer, config, num_heads, experts_per_tok, step)
     report = get_exporter("mnn").export(bundle, dest, bits, group_size, hqq, verify, force, threads)
     v = report.verification
-    checked = (f"verified in MNN: max |dlogit| {v['max_abs_diff']:.2e} (<= {v['tolerance']:.3g}) over prefill + "
-               f"{v['decode_steps']} cached steps, argmax agreement {100 * v['argmax_agreement']:.1f}%"
+    checked = (f"verified in MNN over prefill + {v['decode_steps']} cached steps ({_verified(v)})"
                ) if v else "not verified"
     grid = f", group size {report.group_size or 'per channel'}{', hqq' if report.hqq else ''}" if bits < 16 else ""
     err.print(f"{bits}-bit{grid}: {report.size_bytes / 1e6:.1f} MB, {report.seconds:.1f} s; {checked}")
@@ -473,8 +484,8 @@ def _quantize_onnx(kind: str, src: Path, dest: Path | None, force: bool, variant
     v = report["verification"]
     err.print(f"{kind} ONNX: {report['size_bytes'] / 1e6:.1f} MB (fp32 {report['source_size_bytes'] / 1e6:.1f} MB), "
               f"{report['quantized_matmuls']} of {report['matmuls']} MatMuls quantized, lm_head "
-              f"{report['lm_head']}; {time.perf_counter() - t0:.1f} s; argmax agreement with fp32 "
-              f"{100 * v['argmax_agreement']:.1f}% (max |dlogit| {v['max_abs_diff']:.3g})")
+              f"{report['lm_head']}; {time.perf_counter() - t0:.1f} s; verified against the fp32 graph "
+              f"({_verified(v)})")
     out.print(str(dest))
 
 
@@ -602,6 +613,9 @@ def _quantize_checkpoint(kind: str, src: Path, dest: Path | None, force: bool, l
                 report = quantize_checkpoint(bundle, work, kind, opts, device, progress)
             except FloatingPointError as e:
                 raise ToolkitError(f"quantization failed: {e}", "raise --damp or give more calibration text")
+        from quant.checkpoint import verify_checkpoint
+
+        report["verification"] = verify_checkpoint(bundle, work, kind)
         base = Path(bundle.provenance.get("path", src))
         for side in ("heldout.txt", "calib.txt"):  # the baseline's texts travel with the quantized model
             file = (base if base.is_dir() else base.parent) / side
@@ -616,7 +630,7 @@ def _quantize_checkpoint(kind: str, src: Path, dest: Path | None, force: bool, l
     if report.get("damp_raised"):
         extra += f"; dampening raised for {len(report['damp_raised'])} layers (Cholesky failed)"
     err.print(f"{kind} {report['quantized_linears']} linear layers in {report['seconds']:.1f} s{extra}; "
-              f"weights {size / 1e6:.1f} MB")
+              f"weights {size / 1e6:.1f} MB; verified ({_verified(report['verification'])})")
     print(dest)
 
 
@@ -728,11 +742,15 @@ app.add_typer(modelfile_app, name="modelfile")
 
 @modelfile_app.command("validate")
 def modelfile_validate(path: Annotated[Path, typer.Argument(help="The Modelfile to check.")]):
-    """Check a Modelfile by Ollama's rules: instructions, quoting, parameter names and types, roles, and that a FROM
-    file exists (Ollama would silently read a missing one as a registry model name)."""
+    """Check a Modelfile by Ollama's rules: instructions, quoting, parameter names and types, roles, that a FROM
+    file exists (Ollama would silently read a missing one as a registry model name), and that the TEMPLATE parses
+    and renders in Go's text/template as Ollama runs it, identically to the FROM GGUF's own chat template."""
     from exporters.gguf.modelfile import validate
 
-    for warning in validate(path):
+    report = validate(path)
+    for note in report.notes:
+        err.print(f"[dim]{note}[/dim]")
+    for warning in report.warnings:
         err.print(f"[yellow]warning[/yellow] {warning}")
     out.print(f"{path}: valid")
 

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from toolkit import rope
 from toolkit.arch import ArchConfig
 from toolkit.bundle import ModelBundle
 
@@ -35,23 +36,40 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 class RotaryTable:
-    """cos/sin for given positions, computed in fp32 as transformers does, then cast to the activations' dtype."""
+    """cos/sin for given positions, computed in fp32 as transformers' rotary embedding does (frequencies and the
+    attention scaling that multiplies cos and sin from toolkit/rope.py), then cast to the activations' dtype.
 
-    def __init__(self, head_dim: int, theta: float, sign: int = 1):
+    Dynamic NTK scaling recomputes the frequencies from each call's longest position once it passes
+    max_position_embeddings, as transformers does in its forward. (transformers also keeps the largest frequencies
+    it has made until a call is shorter than max_position_embeddings again; each call here uses its own length,
+    which is the same thing for every sequence fed in order.)"""
+
+    def __init__(self, cfg: ArchConfig):
         # made on the CPU explicitly: build_model constructs modules under torch.device("meta")
-        exponents = torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").float() / head_dim
-        self.inv_freq = 1.0 / (theta ** exponents)
-        self.sign = sign  # -1: rotation by -theta (NanoChat), which is the standard rotation with sin negated
+        with torch.device("cpu"):
+            self.inv_freq, self.attention_scaling = rope.for_config(cfg)
+        self.config = cfg
+        self.dynamic = rope.is_dynamic(cfg)
+        self.sign = cfg.fam.rope_sign  # -1: rotation by -theta (NanoChat), the standard rotation with sin negated
         self._by_device: dict[torch.device, torch.Tensor] = {}
 
     def __call__(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         inv = self._by_device.get(positions.device)
         if inv is None:
             inv = self._by_device[positions.device] = self.inv_freq.to(positions.device)
+        if self.dynamic:
+            seq_len = int(positions.max()) + 1
+            if seq_len > self.config.max_position_embeddings:
+                with torch.device("cpu"):
+                    inv = rope.for_config(self.config, seq_len)[0].to(positions.device)
         freqs = positions.float()[..., None] * inv  # [B, T, hd/2]
         emb = torch.cat((freqs, freqs), dim=-1)
-        sin = emb.sin() if self.sign > 0 else -emb.sin()
-        return emb.cos().to(dtype)[:, None], sin.to(dtype)[:, None]  # [B, 1, T, hd]
+        cos, sin = emb.cos(), emb.sin()
+        if self.attention_scaling != 1.0:  # yarn
+            cos, sin = cos * self.attention_scaling, sin * self.attention_scaling
+        if self.sign < 0:
+            sin = -sin
+        return cos.to(dtype)[:, None], sin.to(dtype)[:, None]  # [B, 1, T, hd]
 
 
 class MLP(nn.Module):
@@ -223,7 +241,7 @@ class Decoder(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-        self.rope = RotaryTable(cfg.head_dim, cfg.rope_theta, cfg.fam.rope_sign)
+        self.rope = RotaryTable(cfg)
 
     def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None,
                 attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,

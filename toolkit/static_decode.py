@@ -31,10 +31,11 @@ GREEDY_CHUNK = 16  # greedy tokens decoded on the device between two reads of th
 
 def supports(model: Decoder) -> bool:
     """Mixture-of-experts routing picks experts by value (data-dependent shapes): no static step for it. Layers
-    swapped for other kinds (bitsandbytes' packed weights) are not plain matrices the step can multiply."""
+    swapped for other kinds (bitsandbytes' packed weights) are not plain matrices the step can multiply. Dynamic NTK
+    RoPE recomputes its frequencies from the host-side sequence length, which a recorded step cannot follow."""
     plain = all(type(mod) is nn.Linear for layer in model.model.layers for mod in layer.modules()
                 if isinstance(mod, nn.Linear))
-    return plain and not model.config.fam.moe
+    return plain and not model.config.fam.moe and not model.rope.dynamic
 
 
 class StaticStep(nn.Module):
@@ -43,7 +44,7 @@ class StaticStep(nn.Module):
     def __init__(self, model: Decoder, capacity: int, batch: int = 1, fused: bool = False):
         super().__init__()
         if not supports(model):
-            raise ValueError("mixture-of-experts models have no static decode step")
+            raise ValueError("mixture-of-experts models and dynamic RoPE scaling have no static decode step")
         cfg = model.config
         self.model, self.cfg = model, cfg
         self.nh, self.nkv, self.hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -142,7 +143,8 @@ class StaticStep(nn.Module):
                 qkv = qkv + self.qkv_b[i]
             out = attend(qkv, self.k[i], self.v[i], self.inv_freq, m.rope.sign, pos, self.nh, self.nkv, self.hd,
                          att.q_norm.weight if att.q_norm is not None else None,
-                         att.k_norm.weight if att.k_norm is not None else None, eps, self.attn_scratch)
+                         att.k_norm.weight if att.k_norm is not None else None, eps, self.attn_scratch,
+                         rope_scale=m.rope.attention_scaling)
             x = gemv(out, att.o_proj.weight, residual=x)
             gate_up = gemv(x, self.gate_up_w[i], norm=layer.post_attention_layernorm.weight, norm_eps=eps)
             x = gemv(gate_up, layer.mlp.down_proj.weight, glu=True, residual=x)

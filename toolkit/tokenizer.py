@@ -54,7 +54,19 @@ class Tokenizer:
 
     @property
     def add_bos(self) -> bool:
-        return bool(self.config.get("add_bos_token", False))
+        """Whether encoding puts BOS first: tokenizer_config's add_bos_token when it says, else the tokenizer.json
+        post-processor's template (Llama-3 says it only there: TemplateProcessing `<|begin_of_text|> $A`), as
+        transformers encodes."""
+        if "add_bos_token" in self.config or self.bos_id is None:
+            return bool(self.config.get("add_bos_token", False))
+        bos = self.tok.id_to_token(self.bos_id)
+        post = json.loads(self.tok.to_str()).get("post_processor") or {}
+        steps = post.get("processors", []) if post.get("type") == "Sequence" else [post]
+        for step in steps:
+            if step.get("type") == "TemplateProcessing":
+                first = (step.get("single") or [{}])[0]
+                return first.get("SpecialToken", {}).get("id") == bos
+        return False
 
     @property
     def chat_template(self) -> str | None:
@@ -138,17 +150,14 @@ class Tokenizer:
 
 def render_chat_template(template: str | None, messages: list[dict[str, str]], bos: str | None, eos: str | None,
                          add_generation_prompt: bool = True) -> str:
-    """Render a Hugging Face chat template in a sandbox, as transformers does."""
+    """Render a Hugging Face chat template as transformers does (toolkit/chat_render.py)."""
+    from toolkit.chat_render import TemplateError, render
+
     if not template:
         raise ToolkitError("this model has no chat template", "drop --chat, or add chat_template to "
                                                               "tokenizer_config.json")
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-    env.globals["raise_exception"] = _raise_template_error
-    return env.from_string(template).render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                            bos_token=bos, eos_token=eos)
-
-
-def _raise_template_error(message: str) -> None:
-    raise ToolkitError(f"chat template error: {message}", "check the messages given to --chat")
+    special = {k: v for k, v in (("bos_token", bos), ("eos_token", eos)) if v is not None}
+    try:
+        return render(template, messages, add_generation_prompt, **special)
+    except TemplateError as e:
+        raise ToolkitError(f"chat template error: {e}", "check the messages given to --chat") from None

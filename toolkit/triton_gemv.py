@@ -144,7 +144,7 @@ def _rotated_head(at_ptr, norm_ptr, d, partner, sign, cos, sin, eps, HD: tl.cons
 
 @triton.jit
 def _attend_kernel(qkv_ptr, k_ptr, v_ptr, inv_freq_ptr, pos_ptr, qn_ptr, kn_ptr, out_ptr, part_ptr, count_ptr, C,
-                   eps, scale, rope_sign, NH: tl.constexpr, NKV: tl.constexpr, HD: tl.constexpr,
+                   eps, scale, rope_sign, rope_scale, NH: tl.constexpr, NKV: tl.constexpr, HD: tl.constexpr,
                    QK_NORM: tl.constexpr, GDC: tl.constexpr, BLOCK_S: tl.constexpr, MAX_SPLITS,
                    COMBINE_BLOCK: tl.constexpr):
     # program (h, j): query head h over cache slots [j BLOCK_S, (j + 1) BLOCK_S) ∩ [0, pos); split 0 also takes the
@@ -164,8 +164,8 @@ def _attend_kernel(qkv_ptr, k_ptr, v_ptr, inv_freq_ptr, pos_ptr, qn_ptr, kn_ptr,
         partner = (d + HD // 2) % HD  # rotate_half(x)[d] = -x[d + hd/2] for the first half, x[d - hd/2] after
         sign = tl.where(d < HD // 2, -1.0, 1.0)
         angle = pos.to(tl.float32) * tl.load(inv_freq_ptr + d % (HD // 2))  # fp32, as the reference computes it
-        cos = tl.cos(angle)
-        sin = tl.sin(angle) * rope_sign
+        cos = tl.cos(angle) * rope_scale  # rope_scale: yarn's attention factor on cos and sin (else 1)
+        sin = tl.sin(angle) * rope_scale * rope_sign
         q = _rotated_head(qkv_ptr + h * HD, qn_ptr, d, partner, sign, cos, sin, eps, HD, QK_NORM)
         cache_k = k_ptr + kvh * C * HD
         cache_v = v_ptr + kvh * C * HD
@@ -237,10 +237,11 @@ def attend_scratch(num_heads: int, head_dim: int, capacity: int, device) -> tupl
 def attend(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, inv_freq: torch.Tensor, rope_sign: int,
            pos: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: int, q_norm: torch.Tensor | None = None,
            k_norm: torch.Tensor | None = None, eps: float = 0.0,
-           scratch: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+           scratch: tuple[torch.Tensor, torch.Tensor] | None = None, rope_scale: float = 1.0) -> torch.Tensor:
     """One token's attention: qkv [(nh + 2 nkv) hd] -> [nh hd]; k/v_cache [1, nkv, C, hd] (slot `pos` written);
-    inv_freq [hd/2] float32 (RoPE angle = pos * inv_freq, sin negated for rope_sign -1); pos [1] int64; scratch
-    from `attend_scratch` (made here when not given)."""
+    inv_freq [hd/2] float32 (RoPE angle = pos * inv_freq, sin negated for rope_sign -1, cos and sin multiplied by
+    rope_scale: yarn's attention factor); pos [1] int64; scratch from `attend_scratch` (made here when not
+    given)."""
     out = torch.empty(num_heads * head_dim, dtype=qkv.dtype, device=qkv.device)
     capacity = k_cache.shape[2]
     parts, counts = scratch if scratch is not None else attend_scratch(num_heads, head_dim, capacity, qkv.device)
@@ -248,8 +249,8 @@ def attend(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, inv_
     qk = q_norm is not None
     _attend_kernel[(num_heads, splits)](qkv, k_cache, v_cache, inv_freq, pos, q_norm if qk else inv_freq,
                                         k_norm if qk else inv_freq, out, parts, counts, capacity, float(eps),
-                                        head_dim ** -0.5, float(rope_sign), NH=num_heads, NKV=num_kv_heads,
-                                        HD=head_dim, QK_NORM=qk, GDC=_pdl(), BLOCK_S=ATTEND_SPLIT, MAX_SPLITS=splits,
+                                        head_dim ** -0.5, float(rope_sign), float(rope_scale), NH=num_heads,
+                                        NKV=num_kv_heads, HD=head_dim, QK_NORM=qk, GDC=_pdl(), BLOCK_S=ATTEND_SPLIT, MAX_SPLITS=splits,
                                         COMBINE_BLOCK=min(32, triton.next_power_of_2(splits)), num_warps=4,
                                         launch_pdl=_pdl())
     return out

@@ -9,10 +9,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
-
 from exporters import ExporterSpec, register
-from exporters.gguf.tensors import OUTTYPES
+from exporters.gguf.tensors import OUTTYPES, gptq_q4_0_exact
 from exporters.gguf.modelfile import write_modelfile
 from exporters.gguf.writer import GGUFReport, write_gguf, write_manifest
 from toolkit.bundle import ModelBundle
@@ -20,56 +18,45 @@ from toolkit.errors import ToolkitError, VerificationError
 from toolkit.fd_redirect import redirected
 from toolkit.outputs import atomic_output, check_destination
 
-# max |logit difference| allowed against the reference model on the file's own (dequantized) weights
-# bf16: llama.cpp rounds activations to bf16 inside its bf16 dot products, so it drifts more than f16
-TOLERANCE = {"f32": 1e-4, "f16": 5e-3, "bf16": 5e-2, "q8_0": 0.1, "q4_0": 0.25, "q6_k": 0.1, "q5_k_m": 0.2,
-             "q4_k_m": 0.25}
-# rounded types also round activations inside llama.cpp's matmuls, an error that grows with the logits' scale:
-# the bound is the larger of the absolute one and this share of the reference's largest |logit| (f32 stays exact)
-RELATIVE = {"f32": 0.0, "f16": 5e-3, "bf16": 2e-2, "q8_0": 2e-2, "q4_0": 5e-2, "q6_k": 2e-2, "q5_k_m": 4e-2,
-            "q4_k_m": 5e-2}
 # router-logit gap below which llama.cpp, computing at the type's precision, may pick the other expert of a near-tie
 # (toolkit/routing_ties.py): q8_0 files were seen to flip gaps up to ~0.02
 ROUTER_GAP = {"f32": 1e-4, "f16": 0.02, "bf16": 0.05, "q8_0": 0.05, "q4_0": 0.2, "q6_k": 0.05, "q5_k_m": 0.1,
               "q4_k_m": 0.2}
-# K-quants come from llama.cpp's own quantizer (llama_model_quantize), run on an f32 file we write first
-KQUANTS = {"q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M", "q5_k_m": "LLAMA_FTYPE_MOSTLY_Q5_K_M",
-           "q6_k": "LLAMA_FTYPE_MOSTLY_Q6_K"}
+# Types made by llama.cpp's own quantizer (llama_model_quantize) from an f32 file we write first: the K-quants, and
+# q4_0, whose file type keeps the output matrix (the embedding, when tied) at Q6_K/Q8_0 as llama.cpp's does
+LLAMA_QUANTIZED = {"q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M", "q5_k_m": "LLAMA_FTYPE_MOSTLY_Q5_K_M",
+                   "q6_k": "LLAMA_FTYPE_MOSTLY_Q6_K", "q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0"}
+KQUANTS = {k: v for k, v in LLAMA_QUANTIZED.items() if k != "q4_0"}
 ALL_TYPES = [*OUTTYPES, *KQUANTS]
-VERIFY_TEXT = ("The quick brown fox jumps over the lazy dog. def main():\n    return 42\n"
-               "你好，世界！今天是2024年3月15日。 Ünïcödé ✓ 🙂🚀 ")
-VERIFY_TOKENS = 64
+# the tokenizer check: a text of every kind llama.cpp's pre-tokenizers treat differently
+TOKENIZER_TEXT = ("The quick brown fox jumps over the lazy dog. def main():\n    return 42\n"
+                  "你好，世界！今天是2024年3月15日。 Ünïcödé ✓ 🙂🚀 I'M don't   \t\n\n 3.14159")
 
 
 def verify(bundle: ModelBundle, path: Path, outtype: str, threads: int = 1, verbose: bool = False) -> dict:
-    from exporters.gguf.readback import bundle_from_gguf
+    """llama.cpp's tokenization of a fixed text must equal the tokenizer's, and its logits on the verification text
+    must meet the type's bar against the reference model on the source weights (toolkit/verify.py)."""
     from runtimes import RUNTIMES
     from toolkit.model import build_model
     from toolkit.routing_ties import reference_logits
+    from toolkit.verify import VERIFY_TOKENS, judge, verification_ids
 
-    runtime = RUNTIMES["llama_cpp"].load(path, threads=threads, ctx=256, verbose=verbose)
+    runtime = RUNTIMES["llama_cpp"].load(path, threads=threads, ctx=max(256, VERIFY_TOKENS), verbose=verbose)
     tok = bundle.tokenizer
-    hf_ids = tok.encode(VERIFY_TEXT, add_bos=False)
-    cpp_ids = runtime.tokenize(VERIFY_TEXT)
+    hf_ids = tok.encode(TOKENIZER_TEXT, add_bos=False)
+    cpp_ids = runtime.tokenize(TOKENIZER_TEXT)
     if hf_ids != cpp_ids:
         first = next(i for i, (a, b) in enumerate(zip(hf_ids + [-1], cpp_ids + [-2])) if a != b)
         raise VerificationError(f"llama.cpp tokenizes differently from the Hugging Face tokenizer (first "
-                                f"difference at token {first})", "the tokenizer cannot be represented in GGUF")
-    ids = (hf_ids * (VERIFY_TOKENS // len(hf_ids) + 1))[:VERIFY_TOKENS]
+                                f"difference at token {first}: {hf_ids[first:first + 1]} vs "
+                                f"{cpp_ids[first:first + 1]})", "the tokenizer cannot be represented in GGUF")
+    ids = verification_ids(tok, bundle.config.vocab_size)
     got = runtime.logits(ids)
-    # the reference runs on the weights as the file stores them (exact for f32); MoE near-ties routed as llama.cpp did
-    reference = build_model(bundle if outtype == "f32" else bundle_from_gguf(path, bundle))
-    ref, swapped = reference_logits(reference, ids, got, ROUTER_GAP[outtype])
-    diff = float(np.abs(got - ref).max())
-    agree = float((got.argmax(-1) == ref.argmax(-1)).mean())
-    allowed = max(TOLERANCE[outtype], RELATIVE[outtype] * float(np.abs(ref).max()))
-    result = {"tokens": len(ids), "max_abs_diff": diff, "argmax_agreement": agree, "tolerance": allowed,
-              "tokenizer_match": True, "near_tie_routes_followed": swapped}
-    if not diff <= allowed:
-        raise VerificationError(f"llama.cpp logits differ from the reference model by {diff:.3g} (allowed "
-                                f"{allowed:.3g} for {outtype})", "the file is not kept; report this with "
-                                                                            "--debug output")
-    return result
+    # MoE near-ties are routed as llama.cpp routed them; everything else is the source model as it is
+    ref, swapped = reference_logits(build_model(bundle), ids, got, ROUTER_GAP[outtype])
+    result = judge(ref, got, f"gguf:{outtype}", f"llama.cpp's logits for {path.name.split('.partial-')[0]}")
+    return {**result, "tokenizer_match": True, "tokenizer_text_tokens": len(hf_ids),
+            "near_tie_routes_followed": swapped}
 
 
 def export(bundle: ModelBundle, out: Path, outtype: str = "f16", verify_file: bool = True, force: bool = False,
@@ -86,14 +73,15 @@ def export(bundle: ModelBundle, out: Path, outtype: str = "f16", verify_file: bo
         check_destination(dest, force)
     with atomic_output(out, force) as partial, atomic_output(manifest, force) as partial_manifest, \
             atomic_output(modelfile, force) as partial_modelfile:
-        if outtype in KQUANTS:
+        if outtype in LLAMA_QUANTIZED and not (outtype == "q4_0" and gptq_q4_0_exact(bundle)):
             report = _k_quantize(bundle, partial, outtype, threads, progress)
         else:
             report = write_gguf(bundle, partial, outtype, progress)
         if verify_file:
             report.verification = verify(bundle, partial, outtype, threads, verbose)
         report.path = str(out)
-        warning = write_modelfile(out, bundle.tokenizer, bundle.config.max_position_embeddings, partial_modelfile)
+        warning = write_modelfile(out, bundle.tokenizer, bundle.config.max_position_embeddings, partial_modelfile,
+                                  gguf_file=partial)
         if warning:
             report.warnings.append(warning)
         write_manifest(report, bundle, partial_manifest)
@@ -116,7 +104,7 @@ def _k_quantize(bundle: ModelBundle, partial: Path, outtype: str, threads: int,
     try:
         base = write_gguf(bundle, source, "f32", progress, direct=False)  # read again at once by the quantizer
         params = llama_cpp.llama_model_quantize_default_params()
-        params.ftype = getattr(llama_cpp, KQUANTS[outtype])
+        params.ftype = getattr(llama_cpp, LLAMA_QUANTIZED[outtype])
         params.nthread = threads
         # llama.cpp reports fallbacks through its log: on the C-level stderr, or through llama-cpp-python's
         # Python log callback (sys.stderr); capture both

@@ -2,6 +2,7 @@
 stacked per layer, and the type each tensor gets for an output type."""
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from typing import Callable, Iterator
@@ -10,6 +11,7 @@ import gguf
 import numpy as np
 
 from exporters.gguf.convert import convert_into, require_finite, to_f32
+from toolkit import rope
 from toolkit.bundle import ModelBundle
 from toolkit.errors import ToolkitError
 from toolkit.rope_layout import half_to_pairs
@@ -21,6 +23,13 @@ ARCHS = {"llama": gguf.MODEL_ARCH.LLAMA, "qwen2": gguf.MODEL_ARCH.QWEN2, "qwen3"
 TIED_FALLBACK = {"llama", "qwen2", "qwen3", "qwen3moe", "granitemoe"}
 # llama.cpp's MoE archs fix whether the top-k expert weights are renormalised (build_moe_ffn's norm_w)
 RENORMALISES = {"qwen3moe": True, "qwen2moe": False, "granitemoe": True}
+
+# llama.cpp archs whose graph hands per-frequency factors (the rope_freqs tensor, llama3 scaling) to its RoPE
+# (src/models/llama.cpp, granite.cpp); qwen2, qwen3, qwen3moe and qwen2moe pass none
+ROPE_FREQS_ARCHS = {"llama", "granitemoe"}
+# YaRN's beta_fast/beta_slow as llama.cpp uses them on these archs: only other archs (grok, mistral3) read the
+# yarn_beta_* keys, and the correction range is always rounded outward to whole dimensions (ggml_rope_yarn_corr_dims)
+LLAMA_CPP_YARN_BETAS = (32.0, 1.0)
 
 OUTTYPES = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
             "bf16": gguf.GGMLQuantizationType.BF16, "q8_0": gguf.GGMLQuantizationType.Q8_0,
@@ -95,7 +104,56 @@ def gguf_arch(bundle: ModelBundle) -> str:
     if arch not in ARCHS:
         raise ToolkitError(f"no llama.cpp architecture computes {bundle.config.family} exactly in this version",
                            f"GGUF export supports: {', '.join(f for f, fam in _families() if fam in ARCHS)}")
+    rope_scaling_for_llama_cpp(cfg, arch)
     return arch
+
+
+def rope_scaling_for_llama_cpp(cfg, arch: str) -> dict | None:
+    """How llama.cpp computes this model's RoPE scaling on `arch` (None: plain RoPE): {"type": "linear" | "yarn",
+    "factor", ...} for the rope.scaling.* keys, or {"freq_factors": [hd/2] float32} for llama3's rope_freqs tensor
+    (llama.cpp divides each angle by its factor). What llama.cpp cannot compute is refused with the reason."""
+    s = cfg.rope_scaling
+    if not s:
+        return None
+    kind = s["rope_type"]
+    hint = "export it to ONNX or MNN (`toolkit export onnx|mnn`), which compute it" if kind != "dynamic" else \
+        "run it with `toolkit generate CKPT` (the reference model computes it)"
+    if kind == "dynamic":
+        raise ToolkitError("llama.cpp has no dynamic NTK RoPE scaling: its frequencies are fixed when the model "
+                           "loads, while transformers recomputes them from each call's length once it passes "
+                           f"max_position_embeddings ({cfg.max_position_embeddings})", hint)
+    if kind == "linear":
+        return {"type": gguf.RopeScalingType.LINEAR, "factor": s["factor"]}
+    if kind == "llama3":
+        if arch not in ROPE_FREQS_ARCHS:
+            raise ToolkitError(f"llama.cpp's {arch} graph applies no per-frequency RoPE factors, which llama3 "
+                               f"scaling needs (only {', '.join(sorted(ROPE_FREQS_ARCHS))} read rope_freqs)", hint)
+        plain, _ = rope.frequencies(cfg.head_dim, cfg.rope_theta, None, cfg.max_position_embeddings, xp=np)
+        scaled, _ = rope.frequencies(cfg.head_dim, cfg.rope_theta, s, cfg.max_position_embeddings, xp=np)
+        return {"freq_factors": (plain / scaled).astype(np.float32)}
+    # yarn: llama.cpp mixes the interpolated (1/factor) and original angles over the correction range of its fixed
+    # betas, and multiplies cos/sin by rope.scaling.attn_factor times 0.1 ln(factor) + 1 (llama-context.cpp)
+    betas = (s.get("beta_fast") or 32.0, s.get("beta_slow") or 1.0)
+    if betas != LLAMA_CPP_YARN_BETAS:
+        raise ToolkitError(f"llama.cpp's {arch} computes YaRN with beta_fast/beta_slow 32/1 (it reads no "
+                           f"yarn_beta keys for this arch); this model uses {betas[0]:g}/{betas[1]:g}", hint)
+    if not s.get("truncate", True):
+        raise ToolkitError("llama.cpp rounds YaRN's correction range to whole dimensions; this model's "
+                           "rope_scaling has truncate: false", hint)
+    mscale = 0.1 * math.log(s["factor"]) + 1.0 if s["factor"] > 1 else 1.0
+    return {"type": gguf.RopeScalingType.YARN, "factor": s["factor"],
+            "original_context_length": s["original_max_position_embeddings"],
+            "attn_factor": rope.yarn_attention_factor(s) / mscale}
+
+
+def rope_tensors(bundle: ModelBundle) -> list[PlannedTensor]:
+    """llama3 scaling's per-frequency factors as llama.cpp reads them (`rope_freqs.weight`, f32); none otherwise."""
+    plan_ = rope_scaling_for_llama_cpp(bundle.config, bundle.config.fam.gguf_arch)
+    if not plan_ or "freq_factors" not in plan_:
+        return []
+    factors = plan_["freq_factors"]
+    return [PlannedTensor("rope_freqs.weight", tuple(factors.shape), gguf.GGMLQuantizationType.F32,
+                          lambda: factors, ("rope_freqs (llama3 RoPE factors)",), "float32")]
 
 
 def _families():

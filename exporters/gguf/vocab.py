@@ -1,9 +1,10 @@
 """The GGUF tokenizer section, derived from tokenizer.json (never from a table of known hashes).
 
-Byte-level BPE becomes llama.cpp's `gpt2` model; the pre-tokenizer type is read from the pre-tokenizer spec: the
-GPT-2 split regex (HF `ByteLevel(use_regex=True)`) is `gpt-2`. Byte-fallback BPE with spaces as '▁' (SentencePiece
-converted to tokenizer.json: Llama 2, Mistral, TinyLlama) becomes llama.cpp's `llama` model with scores, byte
-pieces and the space-prefix flag. What llama.cpp cannot reproduce is refused.
+Byte-level BPE becomes llama.cpp's `gpt2` model; the pre-tokenizer type is read from the pre-tokenizer's own
+regexes (toolkit/pretokenizers.py: GPT-2's regex is `gpt-2`, Qwen's `qwen2`, Llama-3's `llama-bpe`, SmolLM's
+digits + GPT-2 `smollm`, ...). Byte-fallback BPE with spaces as '▁' (SentencePiece converted to tokenizer.json:
+Llama 2, Mistral, TinyLlama) becomes llama.cpp's `llama` model with scores, byte pieces and the space-prefix flag.
+What llama.cpp cannot reproduce is refused.
 """
 from __future__ import annotations
 
@@ -14,22 +15,13 @@ from typing import Any
 import gguf
 
 from toolkit.errors import ToolkitError
+from toolkit.pretokenizers import llama_cpp_pre_type
 from toolkit.tokenizer import Tokenizer
 
-
-def _pre_type(spec: dict[str, Any] | None) -> str:
-    if spec is None:
-        raise ToolkitError("tokenizer has no pre-tokenizer", "llama.cpp's gpt2 vocabulary needs a byte-level one")
-    if spec.get("type") == "Sequence":
-        parts = spec.get("pretokenizers", [])
-        if len(parts) == 1:
-            return _pre_type(parts[0])
-        raise ToolkitError("tokenizer's pre-tokenizer sequence has no llama.cpp equivalent",
-                           "only byte-level BPE with the GPT-2 regex is supported for now")
-    if spec.get("type") == "ByteLevel" and spec.get("use_regex", True) and not spec.get("add_prefix_space", False):
-        return "gpt-2"
-    raise ToolkitError(f"pre-tokenizer {json.dumps(spec)[:120]} has no llama.cpp equivalent",
-                       "only byte-level BPE with the GPT-2 regex is supported for now")
+# end-of-turn markers of the chat formats llama.cpp knows, in the order it looks for them: Llama-3, ChatML, Phi-3,
+# Gemma. Written explicitly: llama.cpp's own search by text takes whichever its hash map yields first (in a Qwen
+# vocabulary <|endoftext|> may win over <|im_end|>)
+END_OF_TURN_MARKERS = ("<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>")
 
 
 def _steps(node: dict[str, Any] | None, key: str) -> list[dict[str, Any]]:
@@ -144,7 +136,7 @@ def add_vocab(writer: gguf.GGUFWriter, tokenizer: Tokenizer, vocab_size: int) ->
     model = spec["model"]
     if _is_byte_fallback_bpe(spec):
         warnings = _add_spm_vocab(writer, tokenizer, spec, vocab_size)
-        _add_special_ids(writer, tokenizer)
+        _add_special_ids(writer, tokenizer, spec)
         return warnings
     if model.get("type") != "BPE" or spec.get("decoder", {}).get("type") != "ByteLevel":
         raise ToolkitError(f"tokenizer model {model.get('type')} with {spec.get('decoder', {}).get('type')} "
@@ -154,23 +146,47 @@ def add_vocab(writer: gguf.GGUFWriter, tokenizer: Tokenizer, vocab_size: int) ->
     merges = _merges(model)
     if not merges:
         raise ToolkitError("tokenizer.json has no merges", "llama.cpp's gpt2 vocabulary needs the BPE merges")
-    pre = _pre_type(spec.get("pre_tokenizer"))
+    warnings = _byte_level_normalizer_warnings(spec.get("normalizer"))
+    pre = llama_cpp_pre_type(spec.get("pre_tokenizer"), ignore_merges=bool(model.get("ignore_merges", False)))
     tokens, types = _token_list(tokenizer, spec, vocab_size, lambda i, t: gguf.TokenType.NORMAL)
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre(pre)
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     writer.add_token_merges(merges)
-    _add_special_ids(writer, tokenizer)
-    return []
+    _add_special_ids(writer, tokenizer, spec)
+    return warnings
 
 
-def _add_special_ids(writer: gguf.GGUFWriter, tokenizer: Tokenizer) -> None:
+def _byte_level_normalizer_warnings(normalizer: dict[str, Any] | None) -> list[str]:
+    """llama.cpp's byte-level BPE normalizes nothing. NFC (Qwen, GPT-NeoX) leaves text that is already NFC (nearly
+    all real text) as it is: written with a warning. Any other normalizer changes ordinary text: refused."""
+    steps = _steps(normalizer, "normalizers")
+    if all(n.get("type") == "NFC" for n in steps):
+        return ["the tokenizer normalizes text to NFC and llama.cpp does not: text not already in NFC (decomposed "
+                "accents) tokenizes differently in llama.cpp"] if steps else []
+    bad = next(n for n in steps if n.get("type") != "NFC")
+    raise ToolkitError(f"normalizer {json.dumps(bad)[:100]} has no llama.cpp equivalent",
+                       "llama.cpp's byte-level BPE (gpt2 vocabulary) normalizes nothing (NFC is tolerated)")
+
+
+def _added_ids(spec: dict[str, Any]) -> dict[str, int]:
+    return {a["content"]: a["id"] for a in spec.get("added_tokens", [])}
+
+
+def _end_of_turn_id(spec: dict[str, Any]) -> int | None:
+    """The chat format's end-of-turn token: the first known marker that the tokenizer has as an added token (a word
+    BPE learned from text is never one)."""
+    added = _added_ids(spec)
+    return next((added[m] for m in END_OF_TURN_MARKERS if m in added), None)
+
+
+def _add_special_ids(writer: gguf.GGUFWriter, tokenizer: Tokenizer, spec: dict[str, Any]) -> None:
     # llama.cpp defaults a gpt2 vocabulary's BOS/EOS to token 11 when absent: always write them
     for key, value in (("bos", tokenizer.bos_id), ("eos", tokenizer.eos_id), ("pad", tokenizer.pad_id)):
         if value is not None:
             getattr(writer, f"add_{key}_token_id")(value)
-    eot = tokenizer.tok.token_to_id("<|im_end|>")
+    eot = _end_of_turn_id(spec)
     if eot is not None:
         writer.add_eot_token_id(eot)
     writer.add_add_bos_token(tokenizer.add_bos)

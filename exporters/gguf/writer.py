@@ -12,7 +12,8 @@ from typing import Any, Callable
 import gguf
 import numpy as np
 
-from exporters.gguf.tensors import FILE_TYPES, OUTTYPES, PlannedTensor, gguf_arch, plan
+from exporters.gguf.tensors import (FILE_TYPES, OUTTYPES, PlannedTensor, gguf_arch, plan,
+                                     rope_scaling_for_llama_cpp, rope_tensors)
 from exporters.gguf.vocab import add_vocab
 from toolkit.bundle import ModelBundle
 from toolkit.direct_write import DirectAppender
@@ -48,6 +49,7 @@ def _metadata(w: gguf.GGUFWriter, bundle: ModelBundle, arch: str, outtype: str) 
     w.add_head_count_kv(cfg.num_kv_heads)  # llama.cpp silently defaults it to head_count
     w.add_rope_freq_base(cfg.rope_theta)  # llama.cpp silently defaults it to 10000
     w.add_rope_dimension_count(cfg.head_dim)
+    _rope_scaling(w, cfg, arch)
     w.add_key_length(cfg.head_dim)
     w.add_value_length(cfg.head_dim)
     w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
@@ -68,6 +70,20 @@ def _metadata(w: gguf.GGUFWriter, bundle: ModelBundle, arch: str, outtype: str) 
     return add_vocab(w, bundle.tokenizer, cfg.vocab_size)
 
 
+def _rope_scaling(w: gguf.GGUFWriter, cfg, arch: str) -> None:
+    """The rope.scaling.* keys llama.cpp reads (llama-model.cpp): linear as its factor; yarn as its factor, the
+    pretraining context and the attention factor left after llama.cpp's own 0.1 ln(factor) + 1. llama3 has no
+    keys: its per-frequency factors are the rope_freqs tensor (rope_tensors)."""
+    s = rope_scaling_for_llama_cpp(cfg, arch)
+    if not s or "type" not in s:
+        return
+    w.add_rope_scaling_type(s["type"])
+    w.add_rope_scaling_factor(s["factor"])
+    if s["type"] == gguf.RopeScalingType.YARN:
+        w.add_rope_scaling_orig_ctx_len(s["original_context_length"])
+        w.add_rope_scaling_attn_factors(s["attn_factor"])
+
+
 def write_gguf(bundle: ModelBundle, path: Path, outtype: str,
                progress: Callable[[str, int, int], None] | None = None, direct: bool = True) -> GGUFReport:
     """The GGUF file at `path`, tensors converted and written one at a time. `direct`: bypass the page cache for
@@ -76,7 +92,7 @@ def write_gguf(bundle: ModelBundle, path: Path, outtype: str,
         raise ToolkitError(f"unknown GGUF type '{outtype}'", f"choose one of: {', '.join(OUTTYPES)}")
     t0 = time.perf_counter()
     arch = gguf_arch(bundle)
-    tensors = list(plan(bundle, outtype))
+    tensors = list(plan(bundle, outtype)) + rope_tensors(bundle)
     w = gguf.GGUFWriter(str(path), arch)
     warnings = _metadata(w, bundle, arch, outtype)
     for t in tensors:

@@ -27,6 +27,7 @@ import onnx
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
+from toolkit import rope
 from toolkit.arch import ArchConfig
 from toolkit.bundle import ModelBundle
 
@@ -87,10 +88,20 @@ def _matmul_weight(g: Graph, bundle: ModelBundle, name: str) -> str:
     return g.weight(name, _np(bundle, name).T)
 
 
+# why no graph here can hold dynamic NTK scaling (toolkit/rope.py refuses it with this)
+DYNAMIC_REFUSAL = ("the graphs hold fixed RoPE frequencies (the portable graph's constant inverse frequencies, "
+                   "GroupQueryAttention's cos/sin cache)")
+
+
 def _rope_inv_freq(cfg: ArchConfig) -> np.ndarray:
-    # as toolkit.model.RotaryTable computes it (fp32 from an int64 range), so the angles agree bit for bit
-    hd = cfg.head_dim
-    return (1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.int64).float() / hd))).numpy()
+    # from toolkit.rope, computed as toolkit.model.RotaryTable computes it (torch, fp32), so the angles agree bit
+    # for bit
+    return rope.fixed_frequencies(cfg, "ONNX export", DYNAMIC_REFUSAL)[0]
+
+
+def _rope_attention_scaling(cfg: ArchConfig) -> float:
+    """What cos and sin are multiplied by (yarn's attention factor; 1 otherwise)."""
+    return rope.fixed_frequencies(cfg, "ONNX export", DYNAMIC_REFUSAL)[1]
 
 
 class _Builder:
@@ -249,11 +260,15 @@ class _Builder:
         freqs = g.op("Mul", [g.op("Unsqueeze", [pos, g.const([-1])], "/rotary/Unsqueeze"),
                              g.const(_rope_inv_freq(self.cfg), np.float32)], "/rotary/freqs")
         emb = g.op("Concat", [freqs, freqs], "/rotary/Concat", axis=-1)
-        cos = g.op("Unsqueeze", [g.op("Cos", [emb], "/rotary/Cos"), g.const([2])], "/rotary/cos")
-        sin = g.op("Sin", [emb], "/rotary/Sin")
+        cos, sin = g.op("Cos", [emb], "/rotary/Cos"), g.op("Sin", [emb], "/rotary/Sin")
+        scale = _rope_attention_scaling(self.cfg)
+        if scale != 1.0:  # yarn: cos and sin scaled after they are computed, as the reference does
+            cos = g.op("Mul", [cos, g.const(scale, np.float32)], "/rotary/cos_scaled")
+            sin = g.op("Mul", [sin, g.const(scale, np.float32)], "/rotary/sin_scaled")
         if self.cfg.fam.rope_sign < 0:  # rotation by -theta
             sin = g.op("Neg", [sin], "/rotary/Neg")
-        return cos, g.op("Unsqueeze", [sin, g.const([2])], "/rotary/sin")
+        return (g.op("Unsqueeze", [cos, g.const([2])], "/rotary/cos"),
+                g.op("Unsqueeze", [sin, g.const([2])], "/rotary/sin"))
 
     def apply_rotary(self, x: str, cos: str, sin: str, name: str) -> str:
         g, half = self.g, self.cfg.head_dim // 2
@@ -391,9 +406,11 @@ class _Builder:
         bias = g.op("Expand", [bias, shape], "/mask/attention_bias")
         positions = np.arange(cfg.max_position_embeddings, dtype=np.float32)[:, None]
         angles = positions * _rope_inv_freq(cfg)[None, :]
-        cos_cache = g.weight("cos_cache", np.cos(angles).astype(np.float32))
-        # a negative sin table makes GroupQueryAttention rotate by -theta (NanoChat)
-        sin_cache = g.weight("sin_cache", cfg.fam.rope_sign * np.sin(angles).astype(np.float32))
+        # yarn's attention factor scales both tables (GroupQueryAttention multiplies by them as they are); a negative
+        # sin table makes it rotate by -theta (NanoChat)
+        scale = np.float32(_rope_attention_scaling(cfg))
+        cos_cache = g.weight("cos_cache", (np.cos(angles) * scale).astype(np.float32))
+        sin_cache = g.weight("sin_cache", (cfg.fam.rope_sign * (np.sin(angles) * scale)).astype(np.float32))
 
         h = self.embed()
         x = g.op("SimplifiedLayerNormalization",

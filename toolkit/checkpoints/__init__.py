@@ -41,9 +41,10 @@ def load_checkpoint(path: str | Path, **overrides: Any) -> ModelBundle:
             bundle.provenance.setdefault("format", loader.name)
             return bundle.check()
     raise ToolkitError(f"{path} is not a checkpoint the toolkit knows",
-                       "pass a Hugging Face directory (config.json + *.safetensors), a MiniMind .pth, a NanoChat "
+                       "pass a Hugging Face directory (config.json + *.safetensors), a GGUF file, a MiniMind .pth, a NanoChat "
                        "checkpoint folder (model_<step>.pt + meta_<step>.json), or a folder written by `toolkit train`")
 
 
-# nanochat before minimind: both read .pt files; nanochat's have a meta_<step>.json beside them
-from toolkit.checkpoints import hf_dir, nanochat, minimind  # noqa: E402,F401  (registration, in order)
+# nanochat before minimind: both read .pt files; nanochat's have a meta_<step>.json beside them. gguf_file detects
+# by the file's magic, so no other loader's file is taken for a GGUF.
+from toolkit.checkpoints import gguf_file, hf_dir, nanochat, minimind  # noqa: E402,F401  (registration, in order)
