@@ -14,7 +14,7 @@ from exporters.gguf.convert import convert_into, require_finite, to_f32
 from toolkit import rope
 from toolkit.bundle import ModelBundle
 from toolkit.errors import ToolkitError
-from toolkit.rope_layout import half_to_pairs
+from toolkit.rope_layout import half_to_pairs, pair_permuted_heads
 
 ARCHS = {"llama": gguf.MODEL_ARCH.LLAMA, "qwen2": gguf.MODEL_ARCH.QWEN2, "qwen3": gguf.MODEL_ARCH.QWEN3,
          "qwen3moe": gguf.MODEL_ARCH.QWEN3MOE, "qwen2moe": gguf.MODEL_ARCH.QWEN2MOE,
@@ -249,17 +249,6 @@ def _q4_0_from_gptq(bundle: ModelBundle, name: str, cfg) -> Callable[[], np.ndar
         return np.concatenate([d, qs], axis=-1).reshape(rows, -1)
 
     return blocks
-
-
-def pair_permuted_heads(name: str, cfg) -> int | None:
-    """Head count of a q/k tensor whose rows llama.cpp's arch wants in consecutive pairs; None for the others."""
-    if not cfg.fam.gguf_permute_qk:
-        return None
-    if ".self_attn.q_proj." in name:
-        return cfg.num_heads
-    if ".self_attn.k_proj." in name:
-        return cfg.num_kv_heads
-    return None
 
 
 def _reader(bundle: ModelBundle, name: str, cfg) -> Callable[[], np.ndarray]:

@@ -19,7 +19,7 @@ from toolkit.arch import FAMILIES, ArchConfig
 from toolkit.bundle import ModelBundle, TensorRef
 from toolkit.checkpoints import Loader, register
 from toolkit.errors import ToolkitError
-from toolkit.rope_layout import pairs_to_half
+from toolkit.rope_layout import pair_permuted_heads, pairs_to_half
 
 MAGIC = b"GGUF"
 # GGUF architecture -> family: the inverse of the table's gguf_arch (MiniMind2-MoE is llama.cpp's granitemoe)
@@ -195,7 +195,7 @@ def tensor_refs(reader, cfg: ArchConfig, path: Path) -> dict[str, TensorRef]:
             raise ToolkitError(f"{path.name} lacks tensor {gname} ({name})",
                                f"is it a complete {arch} model? the file may be truncated or of another layout")
         used.add(gname)
-        heads = _pair_permuted_heads(name, cfg)
+        heads = pair_permuted_heads(name, cfg)
         refs[name] = TensorRef(name, tuple(shape), _stored_dtype(t) if expert is None else "float32", None,
                                lambda g=gname, e=expert, h=heads, s=tuple(shape): _read(data, g, e, h, s))
     extra = sorted(set(stored) - used - {"output.weight", "rope_freqs.weight"})
@@ -220,16 +220,6 @@ def _read(data: _Dequantized, gname: str, expert: int | None, heads: int | None,
     if heads:
         a = pairs_to_half(a, heads)  # llama.cpp's `llama` arch keeps q/k rows in consecutive pairs
     return np.ascontiguousarray(a)
-
-
-def _pair_permuted_heads(name: str, cfg: ArchConfig) -> int | None:
-    if not cfg.fam.gguf_permute_qk:
-        return None
-    if ".self_attn.q_proj." in name:
-        return cfg.num_heads
-    if ".self_attn.k_proj." in name:
-        return cfg.num_kv_heads
-    return None
 
 
 def load(path: Path, overrides: dict[str, Any]) -> ModelBundle:
