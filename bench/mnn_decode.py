@@ -57,8 +57,8 @@ def main() -> None:
     args = ap.parse_args()
 
     from runtimes import RUNTIMES
+    from toolkit.app.parity import artifact_size, runtime_for
     from toolkit.checkpoints import load_checkpoint
-    from toolkit.parity import artifact_size, runtime_for
 
     work = args.workdir or Path(tempfile.mkdtemp(prefix="bench-mnn-"))
     work.mkdir(parents=True, exist_ok=True)

@@ -18,8 +18,7 @@ sys.path.insert(0, str(ROOT))
 
 from exporters.gguf import ollama_go  # noqa: E402
 from exporters.gguf.chat_templates import CONVERSATIONS  # noqa: E402
-from exporters.gguf.ollama_templates import (DEFAULT, OLLAMA_THINK, THINK_OFF, THINK_ON, choose,  # noqa: E402
-                                             expected_prompts)
+from exporters.gguf.ollama_templates import DEFAULT, OLLAMA_THINK, THINK_OFF, THINK_ON, choose, expected_prompts  # noqa: E402
 from tests.ollama_corpus import TEMPLATES_DIR, all_templates  # noqa: E402
 
 MARK = {"match": "✓", "differs": "✗", "jinja raises": "raises", "not offered": "refused"}
@@ -92,7 +91,7 @@ def main() -> int:
         "How each row is decided:",
         "",
         "- **Jinja**: transformers' renderer (`render_jinja_template`, what `apply_chat_template` calls; "
-        "reproduced without importing transformers in toolkit/chat_render.py, byte-identical on all 75 "
+        "reproduced without importing transformers in toolkit/core/chat_render.py, byte-identical on all 75 "
         "templates by tests/test_chat_render.py) with "
         "`add_generation_prompt=True` and the model's named special tokens, on the four conversations below; with "
         "the template's thinking switch (`enable_thinking`, `thinking`, `open_thinking`) left undefined, true "

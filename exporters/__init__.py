@@ -58,7 +58,7 @@ def available(name: str) -> bool:
 
 def get(name: str) -> ExporterSpec:
     """The exporter, or a clear error naming the extra to install."""
-    from toolkit.errors import ToolkitError
+    from toolkit.core.errors import ToolkitError
 
     if not available(name):
         raise ToolkitError(f"the {name} exporter's packages are not installed",

@@ -6,7 +6,7 @@ embedding is a lookup) -- unless `--embed-bits 8` asks for the embedding in int8
 
 - int8 (`quant_method: toolkit_int8`, this project's format): `P.weight` int8 [out, in] and `P.weight_scale`
   fp32 [out]; weight = weight_scale[:, None] * weight. Symmetric per output channel, scale = max|w| / 127.
-- int4 (`quant_method: gptq`, GPTQ-v1 tensors, see quant/gptq_format.py): round-to-nearest or GPTQ over
+- int4 (`quant_method: gptq`, GPTQ-v1 tensors, see toolkit/core/gptq_format.py): round-to-nearest or GPTQ over
   calibration text, run layer by layer through the reference model (each layer sees the outputs of the already
   quantized layers before it).
 - int4 with `--embed-bits 8`: also `model.embed_tokens.weight` int8 [vocab, hidden] and
@@ -25,14 +25,13 @@ from typing import Callable
 
 import torch
 
-from quant import gptq_format
 from quant.gptq import Hessian, gptq
-from quant.grid import Grid, dequantize_groups, rtn
-from toolkit.bundle import ModelBundle
-from toolkit.errors import ToolkitError
+from toolkit.core import gptq_format
+from toolkit.core.bundle import ModelBundle
+from toolkit.core.errors import ToolkitError
+from toolkit.core.grid import Grid, dequantize_groups, rtn
+from toolkit.core.quantized import EMBED, INT8_METHOD
 
-INT8_METHOD = "toolkit_int8"
-EMBED = "model.embed_tokens.weight"
 MIN_CALIB_TOKENS = 16
 
 
@@ -122,7 +121,7 @@ def _rtn4(w: torch.Tensor, grid: Grid) -> dict[str, torch.Tensor]:
 def _gptq_layers(bundle: ModelBundle, opts: Int4Options, device: str, progress: Callable[[int, int], None],
                  report: dict) -> dict[str, dict[str, torch.Tensor]]:
     """GPTQ over the decoder blocks, one block at a time; returns packed tensors per weight name."""
-    from toolkit.model import build_model
+    from toolkit.core.model import build_model
 
     grid = Grid(4, opts.group_size, opts.sym)
     ids = calibration_ids(bundle, opts).to(device)
@@ -232,59 +231,13 @@ def quantize_checkpoint(bundle: ModelBundle, out: Path, kind: str, opts: Int4Opt
 
 def verify_checkpoint(bundle: ModelBundle, folder: Path, kind: str) -> dict:
     """The written folder, read back as every command reads it (dequantized by the loader), against the source model
-    on the shared verification text, judged by the shared verifier's bar for the kind (toolkit/verify.py)."""
+    on the shared verification text, judged by the shared verifier's bar for the kind (toolkit/core/verify.py)."""
     from toolkit.checkpoints import load_checkpoint
-    from toolkit.model import build_model
-    from toolkit.verify import judge, verification_ids
+    from toolkit.core.model import build_model
+    from toolkit.core.verify import judge, verification_ids
 
     ids = torch.tensor([verification_ids(bundle.tokenizer, bundle.config.vocab_size)])
     with torch.no_grad():
         ref = build_model(bundle)(ids)[0].numpy()
         got = build_model(load_checkpoint(folder))(ids)[0].numpy()
     return judge(ref, got, f"checkpoint:{kind}", f"the {kind} checkpoint's logits")
-
-
-def dequantized_refs(refs: dict, quantization: dict, path: Path) -> tuple[dict, dict]:
-    """A quantized folder's tensors as the plain float32 weights the rest of the toolkit computes with (dequantized
-    when loaded), and per weight name a loader of its quantized parts."""
-    from toolkit.bundle import TensorRef
-
-    method = quantization.get("quant_method")
-    if method == "gptq":
-        if quantization.get("bits") != 4:
-            raise ToolkitError(f"{path}: {quantization.get('bits')}-bit GPTQ is not supported", "use 4-bit GPTQ")
-        suffix, parts = "qweight", ("qweight", "qzeros", "scales", "g_idx")
-    elif method == INT8_METHOD:
-        suffix, parts = "weight_scale", ("weight", "weight_scale")
-    else:
-        raise ToolkitError(f"{path}: quantization method '{method}' is not supported",
-                           "the toolkit reads its own int8 folders and 4-bit GPTQ (v1) folders")
-    out, raw = dict(refs), {}
-    for name in [n for n in refs if n.endswith("." + suffix)]:
-        prefix = name[: -len(suffix)]
-        missing = [prefix + p for p in parts if prefix + p not in refs]
-        if missing:
-            raise ToolkitError(f"{path}: quantized layer {prefix[:-1]} lacks {missing[0]}", "the folder is damaged")
-        members = {p: out.pop(prefix + p) for p in parts}
-        load_parts = lambda m=members: {p: r.load() for p, r in m.items()}  # noqa: E731
-        if method == "gptq":
-            shape = (members["qweight"].shape[1], members["qweight"].shape[0] * gptq_format.PER_INT)
-            fn = lambda load=load_parts: gptq_format.dequantize(load())  # noqa: E731
-        else:
-            shape = members["weight"].shape
-            fn = lambda load=load_parts: _int8_dequantize(load())  # noqa: E731
-        weight = prefix + "weight"
-        out[weight] = TensorRef(weight, tuple(shape), torch.float32, fn)
-        raw[weight] = load_parts
-    if method == "gptq" and quantization.get("toolkit_embed_bits") == 8:
-        scale = EMBED.removesuffix("weight") + "weight_scale"
-        if EMBED not in out or scale not in out:
-            raise ToolkitError(f"{path}: toolkit_embed_bits 8 but {scale} is missing", "the folder is damaged")
-        members = {"weight": out.pop(EMBED), "weight_scale": out.pop(scale)}
-        out[EMBED] = TensorRef(EMBED, tuple(members["weight"].shape), torch.float32,
-                               lambda m=members: _int8_dequantize({p: r.load() for p, r in m.items()}))
-    return out, raw
-
-
-def _int8_dequantize(parts: dict[str, torch.Tensor]) -> torch.Tensor:
-    return parts["weight"].float() * parts["weight_scale"].float()[:, None]

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from quant.grid import Grid, params, quantize
+from toolkit.core.grid import Grid, params, quantize
 
 BLOCK = 128
 

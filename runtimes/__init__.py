@@ -1,9 +1,13 @@
 """Runtimes: one module per engine, registered by name. The harness, `toolkit generate` and the exporters'
 self-checks see engines only through this interface:
 
-    runtime = RUNTIMES[name].load(artifact, threads=1, device="cpu")
+    runtime = runtimes.open(artifact, threads=1, device="cpu")     # or RUNTIMES[name].load(...)
     runtime.logits(token_ids) -> float32 array [len(token_ids), vocab]   (one fresh sequence)
     runtime.generate(token_ids, n, sampler, stop_ids) -> Generation (ids + timings)
+    runtime.prompt_ids(text), runtime.chat_ids(messages) -> (ids, stop ids), runtime.detokenize(ids)   (Text)
+
+Each engine tokenizes with what its artifact carries (a GGUF its own vocabulary and chat template, an export
+folder its tokenizer.json), so `generate` never asks which format it holds.
 """
 from __future__ import annotations
 
@@ -50,13 +54,46 @@ def decode_loop(first: int, step: Callable[[int], np.ndarray], sampler: Callable
         nxt = sampler(step(nxt))
 
 
-class Runtime(Protocol):
+class Text(Protocol):
+    """Text in and out as the artifact itself defines it."""
+
+    def prompt_ids(self, text: str) -> list[int]: ...
+
+    def chat_ids(self, messages: list[dict[str, str]]) -> tuple[list[int], list[int]]:
+        """The conversation through the model's chat template (add_generation_prompt), tokenized as transformers'
+        apply_chat_template tokenizes it; and the end-of-turn ids to stop on."""
+        ...
+
+    def detokenize(self, ids: list[int]) -> str: ...
+
+
+class Runtime(Text, Protocol):
+    """What the harness, `generate` and the exporters' self-checks call on every engine."""
+
     name: str
+    label: str  # how reports name it (engine, dtype, device)
 
     def logits(self, token_ids: list[int]) -> np.ndarray: ...
 
     def generate(self, token_ids: list[int], max_new_tokens: int, sampler: Callable[[np.ndarray], int],
                  stop_ids: list[int] = ..., on_token: Callable[[int], None] | None = ...) -> Generation: ...
+
+
+class TokenizerText:
+    """Text for runtimes whose artifact carries a Hugging Face tokenizer: `text_tokenizer()` returns it."""
+
+    def text_tokenizer(self):
+        raise NotImplementedError
+
+    def prompt_ids(self, text: str) -> list[int]:
+        return self.text_tokenizer().encode(text)
+
+    def chat_ids(self, messages: list[dict[str, str]]) -> tuple[list[int], list[int]]:
+        tok = self.text_tokenizer()
+        return tok.tok.encode(tok.render_chat(messages), add_special_tokens=False).ids, tok.end_of_turn_ids()
+
+    def detokenize(self, ids: list[int]) -> str:
+        return self.text_tokenizer().decode(ids, skip_special=True)
 
 
 @dataclass(frozen=True)
@@ -73,9 +110,9 @@ class RuntimeSpec:
 
 
 def _is_checkpoint(artifact) -> bool:
-    from toolkit.checkpoints import LOADERS
+    from toolkit.checkpoints import loaders
 
-    return any(loader.detect(Path(artifact)) for loader in LOADERS.values())
+    return any(loader.detect(Path(artifact)) for loader in loaders().values())
 
 
 def _is_onnx(artifact) -> bool:
@@ -106,3 +143,32 @@ RUNTIMES: dict[str, RuntimeSpec] = {
     )
     if spec.engine is None or importlib.util.find_spec(spec.engine) is not None
 }
+
+
+def handling(artifact) -> str | None:
+    """The runtime that opens this artifact by its format (files of other tools too: a .gguf from any converter);
+    the engines' own formats before the reference model, whose loaders also read GGUF files."""
+    for spec in sorted(RUNTIMES.values(), key=lambda spec: spec.name == "torch"):
+        if spec.handles(artifact):
+            return spec.name
+    return None
+
+
+def choose(artifact, name: str | None = None) -> RuntimeSpec:
+    """The runtime named, which must open the artifact; or the one its format asks for (the reference model, whose
+    loaders then say what is wrong with an unknown path)."""
+    from toolkit.core.errors import ToolkitError
+
+    if name is None:
+        return RUNTIMES[handling(artifact) or "torch"]
+    if name not in RUNTIMES:
+        raise ToolkitError(f"unknown runtime '{name}'", f"available: {', '.join(RUNTIMES)}")
+    if not RUNTIMES[name].handles(artifact):
+        raise ToolkitError(f"runtime '{name}' cannot open {artifact}",
+                           "export the checkpoint for that runtime first (toolkit export ...)")
+    return RUNTIMES[name]
+
+
+def open(artifact, runtime: str | None = None, **kwargs) -> Runtime:  # noqa: A001  (runtimes.open, like io.open)
+    """Open an artifact in the runtime named or chosen by its format; kwargs go to the runtime's load()."""
+    return choose(artifact, runtime).load(artifact, **kwargs)

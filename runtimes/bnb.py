@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from runtimes.torch_runtime import TorchRuntime
-from toolkit.bundle import ModelBundle
+from toolkit.core.bundle import ModelBundle
 
 MODES = ("int8", "nf4")
 
@@ -60,7 +60,8 @@ class BnbRuntime(TorchRuntime):
         self.label = f"bitsandbytes {mode} {self.device.type}"
 
 
-def load(artifact, threads: int | None = None, device: str = "cpu", mode: str = "int8", **overrides):
+def load(artifact, threads: int | None = None, device: str = "cpu", mode: str = "int8", verbose: bool = False,
+         **overrides):
     from toolkit.checkpoints import load_checkpoint
 
     bundle = artifact if isinstance(artifact, ModelBundle) else load_checkpoint(artifact, **overrides)

@@ -10,13 +10,20 @@ from typing import Callable
 import numpy as np
 
 from runtimes import Generation, decode_loop
-from toolkit.errors import ToolkitError
-from toolkit.fd_redirect import redirected
+from toolkit.core.errors import ToolkitError
+from toolkit.core.fd_redirect import redirected
 
 
 def _quiet(enabled: bool):
     """llama.cpp writes to the C-level stderr; point fd 2 at /dev/null while it loads."""
     return redirected(2) if enabled else contextlib.nullcontext()
+
+
+# the named special tokens transformers passes to a chat template, and the GGUF keys holding their ids
+SPECIAL_TOKEN_IDS = {"bos_token": "tokenizer.ggml.bos_token_id", "eos_token": "tokenizer.ggml.eos_token_id",
+                     "unk_token": "tokenizer.ggml.unknown_token_id", "sep_token": "tokenizer.ggml.seperator_token_id",
+                     "pad_token": "tokenizer.ggml.padding_token_id", "cls_token": "tokenizer.ggml.cls_token_id",
+                     "mask_token": "tokenizer.ggml.mask_token_id"}
 
 
 class LlamaCppRuntime:
@@ -55,6 +62,34 @@ class LlamaCppRuntime:
     def metadata(self, key: str) -> str | None:
         return self.llm.metadata.get(key)
 
+    def detokenize_special(self, token: int) -> str:
+        """One token's text with special tokens written out (`<|im_end|>`), as a chat template names them."""
+        return self.llm.detokenize([token], special=True).decode("utf-8", errors="replace")
+
+    def prompt_ids(self, text: str) -> list[int]:
+        return self.tokenize(text)
+
+    def chat_ids(self, messages: list[dict[str, str]]) -> tuple[list[int], list[int]]:
+        """The file's own Jinja (`tokenizer.chat_template`) rendered as transformers' apply_chat_template renders it,
+        with the file's named special tokens as template variables; tokenized with special tokens parsed and no BOS
+        added (apply_chat_template's tokenization)."""
+        from toolkit.core.chat_render import TemplateError, render
+
+        template = self.metadata("tokenizer.chat_template")
+        if not template:
+            raise ToolkitError(f"{self.path.name} has no tokenizer.chat_template", "drop --chat")
+        special = {}
+        for name, key in SPECIAL_TOKEN_IDS.items():
+            token = self.metadata(key)
+            if token is not None and 0 <= int(token) < self.llm.n_vocab():
+                special[name] = self.detokenize_special(int(token))
+        try:
+            text = render(template, messages, add_generation_prompt=True, **special)
+        except TemplateError as e:
+            raise ToolkitError(f"the chat template of {self.path.name} cannot render this conversation: {e}",
+                               "check the messages given to --chat") from None
+        return self.tokenize(text, special=True), self.end_of_turn_ids()
+
     def end_of_turn_ids(self) -> list[int]:
         ids = [self.llm.token_eos()]
         eot = self.metadata("tokenizer.ggml.eot_token_id")
@@ -79,4 +114,6 @@ class LlamaCppRuntime:
 
 
 def load(artifact, threads: int | None = 1, device: str = "cpu", ctx: int = 2048, verbose: bool = False, **_):
+    if not Path(artifact).is_file():
+        raise ToolkitError(f"{artifact} does not exist", "check the path")
     return LlamaCppRuntime(artifact, threads or 1, ctx, verbose=verbose)

@@ -17,9 +17,9 @@ from typing import Callable
 
 import numpy as np
 
-from runtimes import Generation, decode_loop
-from toolkit.errors import ToolkitError
-from toolkit.fd_redirect import redirected
+from runtimes import Generation, TokenizerText, decode_loop
+from toolkit.core.errors import ToolkitError
+from toolkit.core.fd_redirect import redirected
 
 CAPACITY_STEP = 64
 
@@ -31,7 +31,7 @@ def _engine():
     return nn, F
 
 
-class MnnRuntime:
+class MnnRuntime(TokenizerText):
     name = "mnn"
 
     def __init__(self, artifact, threads: int = 1, memory_mode: str | None = None):
@@ -119,10 +119,12 @@ class MnnRuntime:
         out, stopped = decode_loop(nxt, lambda t: self.step([t])[-1], sampler, max_new_tokens, stop_ids, on_token)
         return Generation(out, t1 - t0, time.perf_counter() - t1, len(token_ids), stopped)
 
-    def tokenizer(self):
-        from toolkit.tokenizer import Tokenizer
+    def text_tokenizer(self):
+        from toolkit.core.tokenizer import Tokenizer
 
-        return Tokenizer.from_dir(self.dir)
+        if getattr(self, "_tokenizer", None) is None:
+            self._tokenizer = Tokenizer.from_dir(self.dir)
+        return self._tokenizer
 
 
 def load(artifact, threads: int | None = None, device: str = "cpu", memory_mode: str | None = None, **_):

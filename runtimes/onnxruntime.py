@@ -17,8 +17,8 @@ from typing import Callable
 
 import numpy as np
 
-from runtimes import Generation, decode_loop
-from toolkit.errors import ToolkitError
+from runtimes import Generation, TokenizerText, decode_loop
+from toolkit.core.errors import ToolkitError
 
 MODEL_FILE = "model.onnx"
 
@@ -28,7 +28,7 @@ def model_path(artifact) -> Path:
     return p / MODEL_FILE if p.is_dir() else p
 
 
-class OnnxRuntime:
+class OnnxRuntime(TokenizerText):
     name = "onnxruntime"
 
     def __init__(self, artifact, threads: int = 1, device: str = "cpu"):
@@ -161,10 +161,12 @@ class OnnxRuntime:
         out, stopped = decode_loop(nxt, step, sampler, max_new_tokens, stop_ids, on_token)
         return Generation(out, t1 - t0, time.perf_counter() - t1, len(token_ids), stopped)
 
-    def tokenizer(self):
-        from toolkit.tokenizer import Tokenizer
+    def text_tokenizer(self):
+        from toolkit.core.tokenizer import Tokenizer
 
-        return Tokenizer.from_dir(self.dir)
+        if getattr(self, "_tokenizer", None) is None:
+            self._tokenizer = Tokenizer.from_dir(self.dir)
+        return self._tokenizer
 
 
 def _has_op(path: Path, op_type: str) -> bool:

@@ -36,7 +36,7 @@ def shared_data() -> Path:
 @pytest.fixture(scope="session")
 def trained_model(tmp_path_factory) -> Path:
     """A model trained with `toolkit train` on the embedded corpus: what quality tests judge quantizers on."""
-    from toolkit.train import TrainOptions, train
+    from toolkit.app.train import TrainOptions, train
 
     out = tmp_path_factory.mktemp("trained") / "model"
     summary = train(TrainOptions(out=str(out), threads=2, **TEST_MODEL))

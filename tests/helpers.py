@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import torch
 
-from toolkit.arch import ArchConfig
-from toolkit.bundle import ModelBundle
-from toolkit.model import Decoder, init_weights
-from toolkit.tokenizer import Tokenizer
+from toolkit.core.arch import ArchConfig
+from toolkit.core.bundle import ModelBundle
+from toolkit.core.model import Decoder, init_weights
+from toolkit.core.tokenizer import Tokenizer
 
 _TOKENIZER = None
 

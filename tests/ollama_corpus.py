@@ -117,7 +117,7 @@ def smollm2_template() -> RealTemplate:
 def shared_templates() -> list[RealTemplate]:
     """With the token facts the toolkit's GGUF export writes for them (Llama-3 adds BOS by its post-processor)."""
     from exporters.gguf.modelfile import token_facts
-    from toolkit.tokenizer import Tokenizer
+    from toolkit.core.tokenizer import Tokenizer
 
     out = []
     for rel in SHARED_TOKENIZERS:

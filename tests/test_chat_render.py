@@ -1,4 +1,4 @@
-"""toolkit/chat_render.py renders every real chat template byte for byte as transformers' own renderer does (the
+"""toolkit/core/chat_render.py renders every real chat template byte for byte as transformers' own renderer does (the
 oracle), on every fixed conversation and thinking state — including the templates that refuse a conversation,
 which must refuse it in both."""
 from __future__ import annotations
@@ -7,7 +7,7 @@ import pytest
 
 from exporters.gguf.chat_templates import CONVERSATIONS, think_switch
 from tests.ollama_corpus import all_templates
-from toolkit.chat_render import TemplateError, render
+from toolkit.core.chat_render import TemplateError, render
 
 
 def _transformers(template, messages, **variables):

@@ -144,7 +144,7 @@ def test_debug_shows_the_traceback(hf_dir):
 
 def test_generate_greedy_matches_uncached_argmax(hf_dir):
     from toolkit.checkpoints import load_checkpoint
-    from toolkit.model import build_model
+    from toolkit.core.model import build_model
 
     bundle = load_checkpoint(hf_dir)
     model = build_model(bundle)

@@ -13,11 +13,11 @@ import transformers
 
 from tests.conftest import run_cli
 from tests.helpers import random_bundle, tiny_tokenizer
-from toolkit.arch import config_from_hf, config_to_hf
 from toolkit.checkpoints import load_checkpoint
 from toolkit.checkpoints.hf_writer import save_hf
-from toolkit.errors import ToolkitError
-from toolkit.model import build_model
+from toolkit.core.arch import config_from_hf, config_to_hf
+from toolkit.core.errors import ToolkitError
+from toolkit.core.model import build_model
 
 SMALL = dict(vocab_size=320, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
              intermediate_size=96)

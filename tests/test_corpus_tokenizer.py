@@ -6,12 +6,12 @@ import time
 import pytest
 import transformers
 
-from toolkit.corpus import default_corpus
-from toolkit.tokenizer import Tokenizer
+from toolkit.app.corpus import default_corpus
+from toolkit.core.tokenizer import Tokenizer
 
 
 def test_default_corpus_is_sized_deterministic_and_fast():
-    from toolkit import corpus
+    from toolkit.app import corpus
 
     corpus.default_corpus_documents.cache_clear()
     t0 = time.perf_counter()

@@ -1,4 +1,4 @@
-"""The page-cache-bypassing appender (toolkit/direct_write.py) writes exactly the bytes a plain file write would:
+"""The page-cache-bypassing appender (exporters/gguf/direct_write.py) writes exactly the bytes a plain file write would:
 across chunk edges, with padding, on file systems that take O_DIRECT and on those that refuse it; and a GGUF written
 through it is byte-identical to one written buffered."""
 from __future__ import annotations
@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from toolkit import direct_write
-from toolkit.direct_write import DirectAppender
+from exporters.gguf import direct_write
+from exporters.gguf.direct_write import DirectAppender
 
 
 def _write_pieces(path: Path, direct: bool) -> tuple[bytes, DirectAppender]:

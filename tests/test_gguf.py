@@ -14,11 +14,11 @@ from exporters.gguf.readback import tensor_types
 from runtimes.llama_cpp import LlamaCppRuntime
 from tests.conftest import assert_usage_error, run_cli
 from tests.helpers import random_bundle
-from toolkit.bundle import ModelBundle
 from toolkit.checkpoints import load_checkpoint
-from toolkit.errors import ToolkitError, VerificationError
-from toolkit.model import build_model
-from toolkit.tokenizer import Tokenizer
+from toolkit.core.bundle import ModelBundle
+from toolkit.core.errors import ToolkitError, VerificationError
+from toolkit.core.model import build_model
+from toolkit.core.tokenizer import Tokenizer
 
 N_TOKENS = 72
 
@@ -64,7 +64,7 @@ def test_f32_and_f16_match_reference(family, tmp_path):
 
 def test_llama_without_permutation_would_be_caught(tmp_path, monkeypatch):
     """The q/k permutation matters: without it llama.cpp's pair-wise RoPE computes something else."""
-    from toolkit.arch import FAMILIES, Family
+    from toolkit.core.arch import FAMILIES, Family
 
     bundle = random_bundle("llama", seed=6, max_position_embeddings=2048)
     broken = Family(**{**FAMILIES["llama"].__dict__, "gguf_permute_qk": False})
@@ -198,10 +198,10 @@ def test_non_finite_weights_are_refused(tmp_path, monkeypatch):
     w = bundle.load("model.layers.0.mlp.up_proj.weight").clone()
     clean = w.clone()
     w[0, 0] = float("nan")
-    from toolkit.bundle import TensorRef
+    from toolkit.core.bundle import TensorRef
 
     bundle.tensors["model.layers.0.mlp.up_proj.weight"] = TensorRef("x", tuple(w.shape), w.dtype, lambda: w)
-    from toolkit.errors import ToolkitError
+    from toolkit.core.errors import ToolkitError
 
     for outtype in ("f16", "f32", "q8_0"):
         with pytest.raises(ToolkitError, match="NaN"):

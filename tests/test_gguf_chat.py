@@ -8,14 +8,14 @@ import re
 import pytest
 
 from exporters.gguf import export
-from exporters.gguf.chat_templates import CONVERSATIONS, gguf_chat_prompt, read_gguf_chat
+from exporters.gguf.chat_templates import CONVERSATIONS, read_gguf_chat
 from runtimes.llama_cpp import LlamaCppRuntime
 from tests.conftest import SHARED_DATA, run_cli
 from tests.helpers import random_weights, tiny_config
 from tests.ollama_corpus import require_go
 from tests.real_models import Unavailable, smollm2_gguf
-from toolkit.bundle import ModelBundle
-from toolkit.tokenizer import Tokenizer
+from toolkit.core.bundle import ModelBundle
+from toolkit.core.tokenizer import Tokenizer
 
 TOKENIZERS = ["minimind3-tokenizer", "real-tokenizers/qwen3", "real-tokenizers/llama3-instruct"]
 
@@ -65,7 +65,11 @@ def test_generate_chat_feeds_the_ids_apply_chat_template_gives(exported):
     hf = AutoTokenizer.from_pretrained(str(folder))
     rt = LlamaCppRuntime(out, ctx=256)
     for name, messages in CONVERSATIONS.items():
-        assert rt.tokenize(gguf_chat_prompt(out, messages), special=True) == _oracle_ids(hf, messages), name
+        ids, stops = rt.chat_ids(messages)
+        assert ids == _oracle_ids(hf, messages), name
+        # the stop is the token the template closes an assistant turn with (<|im_end|>, <|eot_id|>, ...)
+        turns = hf.decode(_oracle_ids(hf, CONVERSATIONS["user, assistant, user"]))
+        assert any(rt.detokenize_special(i) in turns for i in stops), (name, stops)
     single = CONVERSATIONS["system, user"]
     assert _cli_prompt_tokens(out, single) == len(_oracle_ids(hf, single))
 
@@ -82,7 +86,8 @@ def test_generate_chat_on_smollm2(tmp_path):
     hf = AutoTokenizer.from_pretrained(str(gguf_file.parent), gguf_file=gguf_file.name)
     rt = LlamaCppRuntime(gguf_file, ctx=256)
     for name, messages in CONVERSATIONS.items():
-        ids = rt.tokenize(gguf_chat_prompt(gguf_file, messages), special=True)
+        ids, stops = rt.chat_ids(messages)
         assert ids == _oracle_ids(hf, messages), name
-    assert "named SmolLM" in gguf_chat_prompt(gguf_file, CONVERSATIONS["user"])
+    assert "named SmolLM" in hf.decode(rt.chat_ids(CONVERSATIONS["user"])[0])
+    assert "<|im_end|>" in [rt.detokenize_special(i) for i in rt.chat_ids(CONVERSATIONS["user"])[1]]
     assert _cli_prompt_tokens(gguf_file, CONVERSATIONS["user"]) == len(_oracle_ids(hf, CONVERSATIONS["user"]))

@@ -18,7 +18,7 @@ from tests.conftest import ROOT
 from tests.helpers import random_bundle
 from toolkit.checkpoints import load_checkpoint
 from toolkit.checkpoints.hf_writer import save_hf
-from toolkit.errors import ToolkitError
+from toolkit.core.errors import ToolkitError
 
 
 def _same_bits_or_both_nan(got: np.ndarray, want: torch.Tensor) -> None:

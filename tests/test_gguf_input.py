@@ -59,7 +59,7 @@ def test_commands_from_a_gguf(tmp_path):
     """info, convert --to hf (which transformers loads and computes identically) and export onnx from a GGUF."""
     from transformers import AutoModelForCausalLM
 
-    from toolkit.model import build_model
+    from toolkit.core.model import build_model
 
     bundle = _bundle("qwen3")
     path = tmp_path / "m-q8_0.gguf"

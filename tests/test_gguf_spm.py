@@ -12,10 +12,10 @@ from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
 from exporters.gguf import export
 from runtimes.llama_cpp import LlamaCppRuntime
 from tests.helpers import random_weights, tiny_config
-from toolkit.bundle import ModelBundle
-from toolkit.corpus import default_corpus
-from toolkit.errors import ToolkitError
-from toolkit.tokenizer import Tokenizer
+from toolkit.app.corpus import default_corpus
+from toolkit.core.bundle import ModelBundle
+from toolkit.core.errors import ToolkitError
+from toolkit.core.tokenizer import Tokenizer
 
 SPECIALS = ["<unk>", "<s>", "</s>"]
 BYTES = [f"<0x{b:02X}>" for b in range(256)]

@@ -4,7 +4,7 @@
   and on multilingual, emoji, digit, whitespace and contraction text; rebuilt from the GGUF, the same again;
 - llama.cpp's own tokenizer test vectors (vocab-only GGUFs + .inp/.out of the llama-cpp-python sdist, the .out made
   by the models' Hugging Face tokenizers): a tokenizer rebuilt from each GGUF gives their ids;
-- every row of toolkit/pretokenizers.py (each name and alias): llama.cpp and tokenizers agree on a vocabulary
+- every row of toolkit/core/pretokenizers.py (each name and alias): llama.cpp and tokenizers agree on a vocabulary
   trained with that row's pre-tokenizer, and disagree under another row's name (so the comparison can fail);
 - the structure -> name -> structure round trip, and the refusals.
 """
@@ -22,13 +22,13 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 from exporters.gguf import export
 from exporters.gguf.vocab import add_vocab
 from tests.helpers import random_weights, tiny_config
-from toolkit.bundle import ModelBundle
+from toolkit.app.corpus import default_corpus
 from toolkit.checkpoints.gguf_tokenizer import tokenizer_from_gguf
-from toolkit.corpus import default_corpus
-from toolkit.errors import ToolkitError
-from toolkit.fd_redirect import redirected
-from toolkit.pretokenizers import GPT2_REGEX, PRE_TYPES, hf_pre_tokenizer, llama_cpp_pre_type, pre_type
-from toolkit.tokenizer import Tokenizer
+from toolkit.core.bundle import ModelBundle
+from toolkit.core.errors import ToolkitError
+from toolkit.core.fd_redirect import redirected
+from toolkit.core.pretokenizers import GPT2_REGEX, PRE_TYPES, hf_pre_tokenizer, llama_cpp_pre_type, pre_type
+from toolkit.core.tokenizer import Tokenizer
 
 # written here from what pre-tokenizers treat differently: scripts without spaces, marks, digits of other scripts,
 # emoji sequences, number formats, whitespace runs, contractions in every case

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from tests.helpers import random_bundle
+from toolkit.app.train import TrainOptions, train
 from toolkit.checkpoints import load_checkpoint
-from toolkit.model import KVCache, build_model
-from toolkit.train import TrainOptions, train
+from toolkit.core.model import KVCache, build_model
 
 pytestmark = pytest.mark.gpu
 
@@ -50,9 +50,9 @@ def test_half_precision_on_cuda_tracks_fp32(dtype, tol):
 
 def test_cuda_graph_decode_matches_reference():
     """The recorded decode step, replayed on CUDA, against the reference model's eager cached decode (fp32, CPU)."""
+    from runtimes.torch_runtime.static_decode import GraphDecoder
     from tests.test_static_decode import reference_decode
-    from toolkit.sampling import make_sampler
-    from toolkit.static_decode import GraphDecoder
+    from toolkit.core.sampling import make_sampler
 
     bundle = random_bundle("qwen2", seed=5)
     g = torch.Generator().manual_seed(2)
@@ -85,10 +85,10 @@ def test_fused_triton_gemv_and_fused_step():
     """Triton matrix-vector kernels (norm / SiLU-gate / residual folded in) against torch, then the fused decode
     step against the reference model's cached decode."""
     pytest.importorskip("triton")
+    from runtimes.torch_runtime.static_decode import GraphDecoder
+    from runtimes.torch_runtime.triton_gemv import gemv
     from tests.test_static_decode import reference_decode
-    from toolkit.sampling import make_sampler
-    from toolkit.static_decode import GraphDecoder
-    from toolkit.triton_gemv import gemv
+    from toolkit.core.sampling import make_sampler
 
     g = torch.Generator(device="cuda").manual_seed(0)
     for N, K in ((2560, 1536), (1536, 4096), (300, 96)):
@@ -128,7 +128,7 @@ def test_fused_triton_gemv_and_fused_step():
 
 def _attention_reference(qkv, k_cache, v_cache, inv_freq, pos, nh, nkv, hd, q_norm, k_norm, eps):
     """One token's attention in float64 with torch's ops: the function the Triton attention kernel computes."""
-    from toolkit.model import rotate_half
+    from toolkit.core.model import rotate_half
 
     x = qkv.double()
     q, k, v = x[:nh * hd].view(nh, hd), x[nh * hd:(nh + nkv) * hd].view(nkv, hd), x[(nh + nkv) * hd:].view(nkv, hd)
@@ -151,7 +151,7 @@ def test_triton_attention_kernel_over_split_contexts():
     splits than one merge block, GQA and QK-norm; the new key/value land in slot `pos`; the per-head counters are
     left at zero for the next call (a stale counter would skip the merge)."""
     pytest.importorskip("triton")
-    from toolkit.triton_gemv import attend, attend_scratch
+    from runtimes.torch_runtime.triton_gemv import attend, attend_scratch
 
     g = torch.Generator(device="cuda").manual_seed(3)
     for nh, nkv, hd, capacity, qk_norm in ((12, 4, 128, 4096, False), (8, 8, 64, 1024, True)):

@@ -15,10 +15,10 @@ from safetensors.torch import save_file
 
 from tests.conftest import assert_usage_error, run_cli
 from tests.test_reference_model import _independent_minimind2_moe
-from toolkit.arch import ArchConfig
 from toolkit.checkpoints import load_checkpoint
-from toolkit.errors import ToolkitError
-from toolkit.model import build_model
+from toolkit.core.arch import ArchConfig
+from toolkit.core.errors import ToolkitError
+from toolkit.core.model import build_model
 
 H, LAYERS, HEADS, KV, FFN, VOCAB = 64, 2, 8, 2, 192, 6400
 HD = H // HEADS

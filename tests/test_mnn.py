@@ -19,8 +19,8 @@ from exporters.onnx import TorchReference  # noqa: E402
 from runtimes.mnn import MnnRuntime  # noqa: E402
 from tests.conftest import ROOT, assert_usage_error, run_cli  # noqa: E402
 from tests.helpers import random_bundle  # noqa: E402
-from toolkit.errors import VerificationError  # noqa: E402
-from toolkit.tokenizer import Tokenizer  # noqa: E402
+from toolkit.core.errors import VerificationError  # noqa: E402
+from toolkit.core.tokenizer import Tokenizer  # noqa: E402
 
 
 def _bundle(family: str, seed: int = 5):
@@ -117,7 +117,7 @@ def trained_mnn(trained_model, tmp_path_factory):
 
 def test_trained_model_8_and_4_bit_agree_with_fp32(trained_model, trained_mnn):
     from toolkit.checkpoints import load_checkpoint
-    from toolkit.model import build_model
+    from toolkit.core.model import build_model
 
     tok = Tokenizer.from_dir(trained_model)
     ids = tok.encode((trained_model / "heldout.txt").read_text(encoding="utf-8"), add_bos=False)

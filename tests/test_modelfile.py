@@ -12,8 +12,8 @@ from tests.helpers import tiny_tokenizer
 from tests.ollama_corpus import TEMPLATES_DIR, require_go
 from tests.real_inputs import llama_cpp_sdist_member
 from tests.real_models import Unavailable, smollm2_gguf
-from toolkit.errors import ToolkitError, VerificationError
-from toolkit.tokenizer import Tokenizer
+from toolkit.core.errors import ToolkitError, VerificationError
+from toolkit.core.tokenizer import Tokenizer
 
 SMOLLM2_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
 

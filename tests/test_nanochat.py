@@ -16,8 +16,8 @@ from runtimes.onnxruntime import OnnxRuntime
 from tests.conftest import assert_usage_error, run_cli
 from tests.helpers import tiny_tokenizer
 from toolkit.checkpoints import load_checkpoint
-from toolkit.model import build_model
-from toolkit.tiktoken_bpe import NANOCHAT_SPECIALS, NANOCHAT_SPLIT, _byte_chars
+from toolkit.core.model import build_model
+from toolkit.core.tiktoken_bpe import NANOCHAT_SPECIALS, NANOCHAT_SPLIT, _byte_chars
 
 N_LAYER, N_HEAD, N_KV_HEAD, N_EMBD, SEQ_LEN = 2, 4, 2, 64, 64
 TOL = 1e-4
@@ -162,9 +162,9 @@ def test_tiktoken_file_encodes_as_tiktoken(tmp_path):
     """The tokenizer built from a tiktoken BPE file gives tiktoken's ids (tiktoken as the oracle, built locally
     from the same ranks and nanochat's split pattern) on the whole embedded corpus and on mixed scripts."""
     tiktoken = pytest.importorskip("tiktoken")
-    from toolkit.corpus import default_corpus
-    from toolkit.tiktoken_bpe import nanochat_tokenizer
-    from toolkit.tokenizer import Tokenizer
+    from toolkit.app.corpus import default_corpus
+    from toolkit.core.tiktoken_bpe import nanochat_tokenizer
+    from toolkit.core.tokenizer import Tokenizer
 
     text = default_corpus()
     ranks = _ranks_from(Tokenizer.train_bpe([text[: len(text) // 2]], 1500))

@@ -4,15 +4,21 @@ GGUF and the real tokenizers of ../shared/data."""
 from __future__ import annotations
 
 import re
+from datetime import date
 
 import pytest
 
-from datetime import date
-
 from exporters.gguf import ollama_go
 from exporters.gguf.chat_templates import CONVERSATIONS, JinjaError, TokenFacts
-from exporters.gguf.ollama_templates import (DEFAULT, OLLAMA_THINK, THINK_OFF, THINK_ON, all_candidates, choose,
-                                             expected_prompts)
+from exporters.gguf.ollama_templates import (
+    DEFAULT,
+    OLLAMA_THINK,
+    THINK_OFF,
+    THINK_ON,
+    all_candidates,
+    choose,
+    expected_prompts,
+)
 from exporters.gguf.template_text import DATE_FORMATS, DATE_PRELUDE, Dated
 from tests.ollama_corpus import ROOT, all_templates, require_go
 

@@ -15,8 +15,8 @@ from runtimes.onnxruntime import OnnxRuntime
 from tests.conftest import assert_usage_error, run_cli
 from tests.helpers import random_bundle
 from toolkit.checkpoints.hf_writer import save_hf
-from toolkit.errors import VerificationError
-from toolkit.tokenizer import Tokenizer
+from toolkit.core.errors import VerificationError
+from toolkit.core.tokenizer import Tokenizer
 
 FAMILIES = ["llama", "qwen2", "qwen3", "qwen3_moe", "qwen2_moe", "minimind2_moe", "nanochat"]
 

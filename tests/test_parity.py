@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from tests.conftest import assert_usage_error, run_cli
-from toolkit.tokenizer import Tokenizer
+from toolkit.core.tokenizer import Tokenizer
 
 CTX = 128
 
@@ -126,3 +126,38 @@ def test_bad_text_exit_2(trained_model, tmp_path):
     for text, words in ((empty, "is empty"), (short, "fewer than two chunks"), (latin, "not UTF-8")):
         last = assert_usage_error(run_cli("eval-parity", trained_model, "-o", out, "--text", text, "--ctx", CTX), out)
         assert words in last
+
+
+def test_report_markdown_and_png_carry_the_json_figures(parity_run, tmp_path):
+    """parity.md and parity.png are read back and compared with parity.json, not with the code that wrote them."""
+    import matplotlib.image as mpimg
+
+    from toolkit.app.parity.report import plot
+
+    result, out, _, _ = parity_run
+    lines = [line for line in (out / "parity.md").read_text().splitlines() if line.startswith("| ")]
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    cells = {row[0]: dict(zip(header, row)) for row in
+             ([c.strip() for c in line.strip("|").split("|")] for line in lines[1:])}
+    b = result["baseline"]
+    base = next(v for k, v in cells.items() if k.startswith("baseline"))
+    assert float(base["PPL"].split(" ± ")[0]) == pytest.approx(b["ppl"], abs=5e-5)
+    assert len(cells) == 1 + len(result["rows"])
+    for r in result["rows"]:
+        c = cells[r["name"]]
+        assert float(c["PPL"].split(" ± ")[0]) == pytest.approx(r["ppl"], abs=5e-5)
+        assert float(c["ΔPPL %"]) == pytest.approx(r["ppl_delta_pct"], abs=5e-4)
+        assert float(c["KLD mean"]) == pytest.approx(r["kld_mean"], abs=5e-7)
+        assert float(c["same top %"]) == pytest.approx(r["same_top_pct"], abs=5e-3)
+        assert float(c["size MB"]) == pytest.approx(r["size_bytes"] / 1e6, abs=0.05)
+        assert float(c["decode tok/s"].split(" ± ")[0]) == pytest.approx(r["decode_tps"], abs=0.05)
+    # the picture: drawn again from parity.json alone it is the same image, pixel for pixel; drawn from figures
+    # that differ in one row's KLD it is not
+    shown = mpimg.imread(out / "parity.png")
+    again = json.loads((out / "parity.json").read_text())
+    plot(again, tmp_path / "again.png")
+    assert np.array_equal(mpimg.imread(tmp_path / "again.png"), shown)
+    again["rows"][-1]["kld_mean"] = again["rows"][-1]["kld_mean"] * 1000 + 1e-3
+    plot(again, tmp_path / "moved.png")
+    moved = mpimg.imread(tmp_path / "moved.png")
+    assert moved.shape != shown.shape or not np.array_equal(moved, shown)

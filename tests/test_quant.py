@@ -13,8 +13,8 @@ from safetensors.numpy import load_file
 
 from tests.conftest import assert_usage_error, run_cli
 from toolkit.checkpoints import load_checkpoint
-from toolkit.model import build_model
-from toolkit.perplexity import perplexity
+from toolkit.core.model import build_model
+from toolkit.core.perplexity import perplexity
 
 CALIB = ["--nsamples", "64", "--seqlen", "256"]  # 16k tokens of calib.txt: about 10 s for the 3.7M model
 EVAL_TOKENS, CTX = 10**9, 128  # the whole held-out text (44k tokens): PPL differences between 4-bit methods are small

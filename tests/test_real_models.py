@@ -11,11 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import assert_usage_error, run_cli
-from toolkit.bundle import ModelBundle
-from toolkit.errors import VerificationError
-
 from tests import real_models
+from tests.conftest import assert_usage_error, run_cli
+from toolkit.core.bundle import ModelBundle
+from toolkit.core.errors import VerificationError
 
 
 @pytest.fixture(scope="session")
@@ -106,8 +105,8 @@ def _token_id_shifted(bundle: ModelBundle) -> ModelBundle:
     wrote the token list off by one somewhere."""
     from tokenizers import Tokenizer as HFTokenizer
 
-    from toolkit.tokenizer import Tokenizer
-    from toolkit.verify import VERIFY_TEXT
+    from toolkit.core.tokenizer import Tokenizer
+    from toolkit.core.verify import VERIFY_TEXT
 
     spec = json.loads(bundle.tokenizer.tok.to_str())
     vocab = spec["model"]["vocab"]
@@ -210,7 +209,7 @@ def test_smollm2_gguf_exports_verified(outtype, smollm2, tmp_path):
 def test_smollm2_onnx_and_mnn_exports_verified(smollm2, tmp_path):
     from exporters.mnn import export as export_mnn
     from exporters.onnx import export as export_onnx
-    from quant.onnx_weights import quantize_onnx_folder
+    from exporters.onnx.quantize import quantize_onnx_folder
 
     for variant in ("portable", "ort"):
         report = export_onnx(smollm2, tmp_path / variant, variant)

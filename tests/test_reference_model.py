@@ -11,7 +11,7 @@ import transformers
 from tests.helpers import random_bundle
 from toolkit.checkpoints import load_checkpoint
 from toolkit.checkpoints.hf_writer import save_hf
-from toolkit.model import KVCache, build_model
+from toolkit.core.model import KVCache, build_model
 
 TOL = 1e-4
 PREFILL, DECODE = 24, 8

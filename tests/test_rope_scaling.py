@@ -17,13 +17,13 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from tests.conftest import assert_usage_error, run_cli
 from tests.helpers import random_bundle
-from toolkit import rope
-from toolkit.arch import config_from_hf, config_to_hf
-from toolkit.bundle import ModelBundle
 from toolkit.checkpoints import load_checkpoint
 from toolkit.checkpoints.hf_writer import save_hf
-from toolkit.errors import ToolkitError
-from toolkit.model import KVCache, build_model
+from toolkit.core import rope
+from toolkit.core.arch import config_from_hf, config_to_hf
+from toolkit.core.bundle import ModelBundle
+from toolkit.core.errors import ToolkitError
+from toolkit.core.model import KVCache, build_model
 
 ORIGINAL = 32  # original_max_position_embeddings of the test models
 MAX_POSITIONS = 128  # their max_position_embeddings (the scaled context)
@@ -60,7 +60,7 @@ def _ids(bundle, n: int, seed: int = 0) -> list[int]:
     return torch.randint(3, bundle.config.vocab_size, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
-# --- the frequencies: toolkit/rope.py == transformers ---
+# --- the frequencies: toolkit/core/rope.py == transformers ---
 
 @pytest.mark.parametrize("name", sorted(SCALINGS))
 @pytest.mark.parametrize("head_dim, theta", [(16, 1e4), (64, 5e5), (128, 1e6)])
@@ -316,8 +316,8 @@ def test_mnn_refuses_dynamic_scaling(tmp_path):
 # --- the fixed-shape decode step (the CUDA-graph baseline's arithmetic) ---
 
 def test_static_step_follows_yarn_and_leaves_dynamic_to_eager_decoding():
+    from runtimes.torch_runtime.static_decode import GraphDecoder, supports
     from tests.test_static_decode import reference_decode
-    from toolkit.static_decode import GraphDecoder, supports
 
     bundle = _bundle("qwen3", "yarn_attention_factor")
     model = build_model(bundle)
@@ -338,8 +338,8 @@ def test_fused_triton_step_follows_yarn():
     pytest.importorskip("triton")
     if not torch.cuda.is_available():
         pytest.skip("no CUDA")
+    from runtimes.torch_runtime.static_decode import GraphDecoder
     from tests.test_static_decode import reference_decode
-    from toolkit.static_decode import GraphDecoder
 
     for family, scaling in (("qwen3", "yarn_attention_factor"), ("llama", "llama3")):
         bundle = _bundle(family, scaling, hidden_size=128, intermediate_size=256, head_dim=32,

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from runtimes.torch_runtime import TorchRuntime
+from runtimes.torch_runtime.static_decode import GraphDecoder, StaticStep, capacity_for, supports
 from tests.helpers import random_bundle
-from toolkit.model import KVCache, build_model
-from toolkit.sampling import make_sampler
-from toolkit.static_decode import GraphDecoder, StaticStep, capacity_for, supports
+from toolkit.core.model import KVCache, build_model
+from toolkit.core.sampling import make_sampler
 
 
 def reference_decode(model, prompt, continuation):

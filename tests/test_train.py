@@ -9,15 +9,16 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 import torch
 import transformers
 
 from tests.conftest import ROOT, TEST_MODEL, run_cli
+from toolkit.app.corpus import default_corpus
+from toolkit.app.train import masked_lm_loss
 from toolkit.checkpoints import load_checkpoint
-from toolkit.corpus import default_corpus
-from toolkit.model import build_model
-from toolkit.perplexity import perplexity
-from toolkit.train import masked_lm_loss
+from toolkit.core.model import build_model
+from toolkit.core.perplexity import perplexity
 
 QUICK = ["--hidden", "64", "--layers", "2", "--heads", "2", "--kv-heads", "1", "--ffn", "128", "--vocab-size", "512",
          "--seq-len", "64", "--batch-size", "4", "--eval-every", "5", "--save-every", "5", "--warmup", "2"]
@@ -112,9 +113,12 @@ def test_ctrl_c_leaves_a_resumable_state(tmp_path):
     text.write_text(default_corpus()[:120_000])
     dest = tmp_path / "run"
     state = tmp_path / "run.train_state.pt"
+    # a constant rate after warmup (--min-lr = --lr): the schedule then does not depend on --steps, so the
+    # interrupted run and an uninterrupted run of the resumed length take the same steps
+    flat = [*QUICK, "--lr", "2e-3", "--min-lr", "2e-3"]
+    flat[flat.index("--save-every") + 1] = "2"
     args = [sys.executable, "-m", "toolkit", "train", "--text", str(text), "-o", str(dest), "--steps", "100000",
-            *QUICK]
-    args[args.index("--save-every") + 1] = "2"
+            *flat]
     proc = subprocess.Popen(args, env={**os.environ, "PYTHONPATH": str(ROOT)}, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while not state.exists() and time.time() < deadline and proc.poll() is None:
@@ -127,15 +131,23 @@ def test_ctrl_c_leaves_a_resumable_state(tmp_path):
     assert last.startswith("error: training interrupted") and f"--resume {state}" in last
     assert not dest.exists() and state.is_file()
     saved = torch.load(state, weights_only=True)["step"]
-    resumed = run_cli("train", "--text", text, "-o", dest, "--steps", str(saved + 2), "--resume", state, *QUICK)
+    resumed = run_cli("train", "--text", text, "-o", dest, "--steps", str(saved + 3), "--resume", state, *flat)
     assert resumed.returncode == 0, resumed.stderr
     log = [json.loads(line) for line in (dest / "train_log.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in log] == list(range(1, saved + 3))
+    assert [r["step"] for r in log] == list(range(1, saved + 4))
     assert not state.exists() and (dest / "train_state.pt").is_file()
+    # the steps after the resume are the steps an uninterrupted run takes: same loss, rate and gradient norm
+    whole = run_cli("train", "--text", text, "-o", tmp_path / "whole", "--steps", str(saved + 3), *flat)
+    assert whole.returncode == 0, whole.stderr
+    ref = [json.loads(line) for line in (tmp_path / "whole" / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in ref] == [r["step"] for r in log]
+    for got, want in zip(log, ref):
+        for key in ("loss", "lr", "grad_norm"):
+            assert got[key] == pytest.approx(want[key], rel=1e-5, abs=1e-7), (got["step"], key)
 
 
 def test_lr_schedule_reaches_min_lr():
-    from toolkit.train import TrainOptions, lr_at
+    from toolkit.app.train import TrainOptions, lr_at
 
     opts = TrainOptions(out="x", steps=10, warmup=2, lr=1.0, min_lr=0.1)
     assert lr_at(0, opts) == 0.5 and lr_at(1, opts) == 1.0 and lr_at(2, opts) == 1.0

@@ -10,16 +10,16 @@ from pathlib import Path
 from typing import Callable
 
 from exporters import ExporterSpec, register
-from exporters.gguf.tensors import OUTTYPES, gptq_q4_0_exact
 from exporters.gguf.modelfile import write_modelfile
+from exporters.gguf.tensors import OUTTYPES, gptq_q4_0_exact
 from exporters.gguf.writer import GGUFReport, write_gguf, write_manifest
-from toolkit.bundle import ModelBundle
-from toolkit.errors import ToolkitError, VerificationError
-from toolkit.fd_redirect import redirected
-from toolkit.outputs import atomic_output, check_destination
+from toolkit.core.bundle import ModelBundle
+from toolkit.core.errors import ToolkitError, VerificationError
+from toolkit.core.fd_redirect import redirected
+from toolkit.core.outputs import atomic_output, check_destination
 
 # router-logit gap below which llama.cpp, computing at the type's precision, may pick the other expert of a near-tie
-# (toolkit/routing_ties.py): q8_0 files were seen to flip gaps up to ~0.02
+# (toolkit/core/routing_ties.py): q8_0 files were seen to flip gaps up to ~0.02
 ROUTER_GAP = {"f32": 1e-4, "f16": 0.02, "bf16": 0.05, "q8_0": 0.05, "q4_0": 0.2, "q6_k": 0.05, "q5_k_m": 0.1,
               "q4_k_m": 0.2}
 # Types made by llama.cpp's own quantizer (llama_model_quantize) from an f32 file we write first: the K-quants, and
@@ -35,11 +35,11 @@ TOKENIZER_TEXT = ("The quick brown fox jumps over the lazy dog. def main():\n   
 
 def verify(bundle: ModelBundle, path: Path, outtype: str, threads: int = 1, verbose: bool = False) -> dict:
     """llama.cpp's tokenization of a fixed text must equal the tokenizer's, and its logits on the verification text
-    must meet the type's bar against the reference model on the source weights (toolkit/verify.py)."""
+    must meet the type's bar against the reference model on the source weights (toolkit/core/verify.py)."""
     from runtimes import RUNTIMES
-    from toolkit.model import build_model
-    from toolkit.routing_ties import reference_logits
-    from toolkit.verify import VERIFY_TOKENS, judge, verification_ids
+    from toolkit.core.model import build_model
+    from toolkit.core.routing_ties import reference_logits
+    from toolkit.core.verify import VERIFY_TOKENS, judge, verification_ids
 
     runtime = RUNTIMES["llama_cpp"].load(path, threads=threads, ctx=max(256, VERIFY_TOKENS), verbose=verbose)
     tok = bundle.tokenizer

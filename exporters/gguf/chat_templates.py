@@ -1,6 +1,6 @@
 """A model's own chat template (the Jinja in tokenizer_config.json / a GGUF's `tokenizer.chat_template`), rendered
 exactly as transformers' `apply_chat_template` renders it: transformers' environment, reproduced without importing
-transformers (toolkit/chat_render.py, held byte-identical to it by a test), the named special tokens as template
+transformers (toolkit/core/chat_render.py, held byte-identical to it by a test), the named special tokens as template
 variables, and add_generation_prompt=True. The fixed conversations on which Ollama TEMPLATEs are chosen and proven live here too.
 """
 from __future__ import annotations
@@ -8,8 +8,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-
-from toolkit.errors import ToolkitError
 
 # The conversations a TEMPLATE must render exactly as the Jinja does: user only; system + user; multi-turn; and
 # multi-turn with a system message. Plain ASCII without edge whitespace, each text distinct.
@@ -40,8 +38,8 @@ def render(template: str, messages: list[dict], special: dict[str, str], switch:
            think: bool | None = None) -> str:
     """The prompt transformers' apply_chat_template(messages, add_generation_prompt=True) renders. `special` holds
     the tokenizer's named special tokens; `think` sets the template's thinking switch (None: left undefined)."""
-    from toolkit.chat_render import TemplateError
-    from toolkit.chat_render import render as render_template
+    from toolkit.core.chat_render import TemplateError
+    from toolkit.core.chat_render import render as render_template
 
     kwargs = {k: v for k, v in special.items() if v is not None}
     if switch is not None and think is not None:
@@ -115,16 +113,3 @@ def read_gguf_chat(path: Path) -> GGUFChat:
     template = values.get("tokenizer.chat_template")
     return GGUFChat(template if isinstance(template, str) and template else None,
                     TokenFacts(special, bool(values.get("tokenizer.ggml.add_bos_token", False))))
-
-
-def gguf_chat_prompt(path: Path, messages: list[dict]) -> str:
-    """The prompt `generate FILE.gguf --chat` feeds llama.cpp: the file's own Jinja, rendered as transformers does
-    (tokenize it with special tokens parsed and no BOS added: apply_chat_template's tokenization)."""
-    chat = read_gguf_chat(path)
-    if chat.template is None:
-        raise ToolkitError(f"{Path(path).name} has no tokenizer.chat_template", "drop --chat")
-    try:
-        return render(chat.template, messages, chat.facts.special)
-    except JinjaError as e:
-        raise ToolkitError(f"the chat template of {Path(path).name} cannot render this conversation: {e}",
-                           "check the messages given to --chat") from None

@@ -1,6 +1,6 @@
 """Stored values -> the floats a GGUF tensor holds, in numpy (no torch: the converter starts 2 s sooner without it).
 
-Sources come as toolkit.bundle.NUMPY_BITS arrays: bfloat16 as its uint16 bits. bfloat16 -> float16 goes through a
+Sources come as toolkit.core.bundle.NUMPY_BITS arrays: bfloat16 as its uint16 bits. bfloat16 -> float16 goes through a
 65,536-entry table indexed by those bits, built once by numpy's float32 -> float16 cast (round to nearest even, as
 torch's): every bfloat16 is exactly a float32, so the table is that cast applied once per possible value. It
 converts as fast as torch and 3.5x faster than widening to float32 and casting (measured on 6.3M values).
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from toolkit.errors import ToolkitError
+from toolkit.core.errors import ToolkitError
 
 _BF16_TO_F16: np.ndarray | None = None
 

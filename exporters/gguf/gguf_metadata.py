@@ -9,7 +9,7 @@ import mmap
 import struct
 from pathlib import Path
 
-from toolkit.errors import ToolkitError
+from toolkit.core.errors import ToolkitError
 
 # GGUF value types (gguf-py's GGUFValueType) -> struct format; 8 = string, 9 = array
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}

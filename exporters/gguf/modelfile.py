@@ -14,10 +14,19 @@ from pathlib import Path
 
 from exporters.gguf.chat_templates import CONVERSATIONS, JinjaError, TokenFacts, read_gguf_chat
 from exporters.gguf.ollama_data import chat_template_capabilities
-from exporters.gguf.ollama_templates import (DEFAULT, NO_CHAT_TEMPLATE, OLLAMA_THINK, THINK_OFF, THINK_ON, Choice,
-                                             choose, expected_prompts, first_difference)
-from toolkit.errors import ToolkitError, VerificationError
-from toolkit.tokenizer import Tokenizer
+from exporters.gguf.ollama_templates import (
+    DEFAULT,
+    NO_CHAT_TEMPLATE,
+    OLLAMA_THINK,
+    THINK_OFF,
+    THINK_ON,
+    Choice,
+    choose,
+    expected_prompts,
+    first_difference,
+)
+from toolkit.core.errors import ToolkitError, VerificationError
+from toolkit.core.tokenizer import Tokenizer
 
 COMMANDS = {"from", "license", "template", "system", "adapter", "draft", "renderer", "parser", "parameter", "message",
             "requires"}

@@ -11,10 +11,10 @@ import gguf
 import numpy as np
 
 from exporters.gguf.convert import convert_into, require_finite, to_f32
-from toolkit import rope
-from toolkit.bundle import ModelBundle
-from toolkit.errors import ToolkitError
-from toolkit.rope_layout import half_to_pairs, pair_permuted_heads
+from toolkit.core import rope
+from toolkit.core.bundle import ModelBundle
+from toolkit.core.errors import ToolkitError
+from toolkit.core.rope_layout import half_to_pairs, pair_permuted_heads
 
 ARCHS = {"llama": gguf.MODEL_ARCH.LLAMA, "qwen2": gguf.MODEL_ARCH.QWEN2, "qwen3": gguf.MODEL_ARCH.QWEN3,
          "qwen3moe": gguf.MODEL_ARCH.QWEN3MOE, "qwen2moe": gguf.MODEL_ARCH.QWEN2MOE,
@@ -46,7 +46,7 @@ class PlannedTensor:
     qtype: gguf.GGMLQuantizationType
     read: Callable[[], np.ndarray]  # source values in numpy order, as NUMPY_BITS[dtype] (bfloat16 as uint16 bits)
     sources: tuple[str, ...]  # bundle tensors it holds (several: experts stacked on axis 0)
-    dtype: str  # the source's dtype name (toolkit.bundle.NUMPY_BITS)
+    dtype: str  # the source's dtype name (toolkit.core.bundle.NUMPY_BITS)
     fallback: str = ""  # why the requested type could not be used
     blocks: Callable[[], np.ndarray] | None = None  # ready-made quantized blocks (GPTQ codes repacked), else None
 
@@ -157,7 +157,7 @@ def rope_tensors(bundle: ModelBundle) -> list[PlannedTensor]:
 
 
 def _families():
-    from toolkit.arch import FAMILIES
+    from toolkit.core.arch import FAMILIES
 
     return [(name, fam.gguf_arch) for name, fam in FAMILIES.items()]
 
@@ -233,7 +233,7 @@ def _q4_0_from_gptq(bundle: ModelBundle, name: str, cfg) -> Callable[[], np.ndar
     def blocks() -> np.ndarray:
         import torch
 
-        from quant import gptq_format
+        from toolkit.core import gptq_format
 
         codes, scales, zeros, g_idx = gptq_format.unpack(parts())
         if not bool((zeros == 8).all()) or not torch.equal(g_idx, torch.arange(codes.shape[1]) // 32):

@@ -1,7 +1,7 @@
 """The GGUF tokenizer section, derived from tokenizer.json (never from a table of known hashes).
 
 Byte-level BPE becomes llama.cpp's `gpt2` model; the pre-tokenizer type is read from the pre-tokenizer's own
-regexes (toolkit/pretokenizers.py: GPT-2's regex is `gpt-2`, Qwen's `qwen2`, Llama-3's `llama-bpe`, SmolLM's
+regexes (toolkit/core/pretokenizers.py: GPT-2's regex is `gpt-2`, Qwen's `qwen2`, Llama-3's `llama-bpe`, SmolLM's
 digits + GPT-2 `smollm`, ...). Byte-fallback BPE with spaces as '▁' (SentencePiece converted to tokenizer.json:
 Llama 2, Mistral, TinyLlama) becomes llama.cpp's `llama` model with scores, byte pieces and the space-prefix flag.
 What llama.cpp cannot reproduce is refused.
@@ -14,9 +14,9 @@ from typing import Any
 
 import gguf
 
-from toolkit.errors import ToolkitError
-from toolkit.pretokenizers import llama_cpp_pre_type
-from toolkit.tokenizer import Tokenizer
+from toolkit.core.errors import ToolkitError
+from toolkit.core.pretokenizers import llama_cpp_pre_type
+from toolkit.core.tokenizer import Tokenizer
 
 # end-of-turn markers of the chat formats llama.cpp knows, in the order it looks for them: Llama-3, ChatML, Phi-3,
 # Gemma. Written explicitly: llama.cpp's own search by text takes whichever its hash map yields first (in a Qwen

@@ -12,12 +12,19 @@ from typing import Any, Callable
 import gguf
 import numpy as np
 
-from exporters.gguf.tensors import (FILE_TYPES, OUTTYPES, PlannedTensor, gguf_arch, plan,
-                                     rope_scaling_for_llama_cpp, rope_tensors)
+from exporters.gguf.direct_write import DirectAppender
+from exporters.gguf.tensors import (
+    FILE_TYPES,
+    OUTTYPES,
+    PlannedTensor,
+    gguf_arch,
+    plan,
+    rope_scaling_for_llama_cpp,
+    rope_tensors,
+)
 from exporters.gguf.vocab import add_vocab
-from toolkit.bundle import ModelBundle
-from toolkit.direct_write import DirectAppender
-from toolkit.errors import ToolkitError
+from toolkit.core.bundle import ModelBundle
+from toolkit.core.errors import ToolkitError
 
 
 @dataclass
@@ -100,7 +107,7 @@ def write_gguf(bundle: ModelBundle, path: Path, outtype: str,
         shape = t.shape if _plain(t) else gguf.quant_shape_to_byte_shape(t.shape, t.qtype)
         w.add_tensor_info(t.name, shape, _np_dtype(t), t.nbytes, raw_dtype=None if _plain(t) else t.qtype)
     # gguf-py writes the header, metadata and tensor table; the tensor data is appended here, past the page cache
-    # where the file system allows (toolkit/direct_write.py: 5-10x faster on the measured machines)
+    # where the file system allows (exporters/gguf/direct_write.py: 5-10x faster on the measured machines)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_ti_data_to_file()

@@ -20,10 +20,10 @@ import torch
 
 from exporters import ExporterSpec, package_versions, register
 from exporters.mnn import converter, weights
-from toolkit import rope
-from toolkit.bundle import ModelBundle
-from toolkit.errors import ToolkitError, VerificationError
-from toolkit.outputs import atomic_output, check_destination
+from toolkit.core import rope
+from toolkit.core.bundle import ModelBundle
+from toolkit.core.errors import ToolkitError
+from toolkit.core.outputs import atomic_output, check_destination
 
 BITS = (16, 8, 4)
 MODEL_FILE = "model.mnn"
@@ -44,12 +44,12 @@ class MnnReport:
     warnings: list[str] = field(default_factory=list)
 
 
-# why an MNN export cannot hold dynamic NTK scaling (toolkit/rope.py refuses it with this)
+# why an MNN export cannot hold dynamic NTK scaling (toolkit/core/rope.py refuses it with this)
 DYNAMIC_REFUSAL = "the exported folder's RoPE frequencies are fixed in export.json, which the runtime reads once"
 
 
 def rope_tables(bundle: ModelBundle) -> tuple[np.ndarray, float]:
-    """The inverse frequencies and attention scaling the runtime computes cos/sin from (toolkit/rope.py)."""
+    """The inverse frequencies and attention scaling the runtime computes cos/sin from (toolkit/core/rope.py)."""
     return rope.fixed_frequencies(bundle.config, "MNN export", DYNAMIC_REFUSAL)
 
 
@@ -82,7 +82,7 @@ def _embedding(bundle: ModelBundle) -> np.ndarray:
 
 
 # router-logit gap below which MNN, computing on rounded weights, may pick the other expert of a near-tie: there the
-# reference follows MNN's choice (toolkit/routing_ties.py; the same gaps as llama.cpp's types of these widths)
+# reference follows MNN's choice (toolkit/core/routing_ties.py; the same gaps as llama.cpp's types of these widths)
 ROUTER_GAP = {16: 0.02, 8: 0.05, 4: 0.2}
 
 
@@ -92,9 +92,9 @@ def verify(bundle: ModelBundle, folder: Path, bits: int, group_size: int, hqq: b
     shared verifier's bar for the bit width."""
     from exporters.onnx import check_tokenizer
     from runtimes import RUNTIMES
-    from toolkit.model import build_model
-    from toolkit.routing_ties import reference_logits
-    from toolkit.verify import judge, verification_ids
+    from toolkit.core.model import build_model
+    from toolkit.core.routing_ties import reference_logits
+    from toolkit.core.verify import judge, verification_ids
 
     check_tokenizer(bundle, folder, "MNN")
     runtime = RUNTIMES["mnn"].load(folder, threads=threads)

@@ -11,7 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from toolkit.errors import ToolkitError, VerificationError
+from toolkit.core.errors import ToolkitError, VerificationError
 
 # the child imports the converter extension and nothing else of the MNN package
 CONVERT = "import sys, _tools; _tools.mnnconvert(sys.argv[1:])"

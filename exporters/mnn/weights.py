@@ -18,7 +18,7 @@ import dataclasses
 
 import torch
 
-from toolkit.bundle import ModelBundle, TensorRef
+from toolkit.core.bundle import ModelBundle, TensorRef
 
 EMBEDDING = "model.embed_tokens.weight"
 
@@ -89,7 +89,7 @@ def read_back(bundle: ModelBundle, flags: list[str], workdir) -> dict[str, torch
     from onnx import TensorProto, helper, numpy_helper
 
     from exporters.mnn.converter import convert
-    from runtimes.mnn import _engine
+    from toolkit.core.fd_redirect import redirected
 
     names = matmul_weights(bundle)
     widths = sorted({bundle.tensors[n].shape[-1] for n in names})
@@ -106,7 +106,9 @@ def read_back(bundle: ModelBundle, flags: list[str], workdir) -> dict[str, torch
     workdir = Path(workdir)
     onnx.save_model(model, str(workdir / "probe.onnx"), save_as_external_data=True, location="probe.onnx.data")
     convert(workdir / "probe.onnx", workdir / "probe.mnn", flags)
-    nn, F = _engine()
+    with redirected(1):  # MNN prints the CPU's feature flags to the C-level stdout on first import
+        import MNN.expr as F
+        import MNN.nn as nn
     module = nn.load_module_from_file(str(workdir / "probe.mnn"), [f"eye{k}" for k in widths],
                                       [f"y{i}" for i in range(len(names))])
     eyes = [F.const(np.eye(k, dtype=np.float32), [k, k], F.NCHW, F.float) for k in widths]

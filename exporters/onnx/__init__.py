@@ -15,9 +15,11 @@ import numpy as np
 import torch
 
 from exporters import ExporterSpec, package_versions, register
-from toolkit.bundle import ModelBundle
-from toolkit.errors import ToolkitError, VerificationError
-from toolkit.outputs import atomic_output, check_destination
+from toolkit.core.bundle import ModelBundle
+from toolkit.core.errors import ToolkitError, VerificationError
+from toolkit.core.outputs import atomic_output, check_destination
+
+MODEL_FILE = "model.onnx"  # the graph inside an export folder (onnxruntime-genai's genai_config.json names it)
 
 VARIANTS = ("portable", "ort")
 OPSETS = (17, 20, 23)
@@ -73,10 +75,10 @@ def check_variant(bundle: ModelBundle, variant: str) -> None:
 
 
 def verification_batch_for(tokenizer, vocab_size: int) -> tuple[np.ndarray, np.ndarray, list[list[int]]]:
-    """Two rows of the shared verification text (toolkit/verify.py), the first left-padded, and the tokens fed on
+    """Two rows of the shared verification text (toolkit/core/verify.py), the first left-padded, and the tokens fed on
     each decode step: each row's own continuation (fixed, not sampled, so both sides see the same inputs whatever
     they predict)."""
-    from toolkit.verify import verification_ids
+    from toolkit.core.verify import verification_ids
 
     ids = verification_ids(tokenizer, vocab_size, 2 * PROMPT_TOKENS + 2 * DECODE_STEPS)
     first, second = ids[:PROMPT_TOKENS], ids[PROMPT_TOKENS + DECODE_STEPS:2 * PROMPT_TOKENS + DECODE_STEPS]
@@ -92,12 +94,12 @@ class TorchReference:
     """The reference model behind the same `forward(ids, mask, state)` interface as the ONNX runtime."""
 
     def __init__(self, bundle: ModelBundle, max_len: int):
-        from toolkit.model import build_model
+        from toolkit.core.model import build_model
 
         self.model, self.config, self.max_len = build_model(bundle), bundle.config, max_len
 
     def forward(self, ids: np.ndarray, mask: np.ndarray, cache=None):
-        from toolkit.model import KVCache
+        from toolkit.core.model import KVCache
 
         if cache is None:
             cache = KVCache(self.config, ids.shape[0], self.max_len, torch.float32, "cpu")
@@ -131,7 +133,7 @@ def paired_logits(reference, candidate, tokenizer, vocab_size: int) -> tuple[np.
 
 def compare(reference, candidate, tokenizer, vocab_size: int) -> dict:
     """The shared verifier's figures of `candidate` against `reference` on the verification batch (not judged)."""
-    from toolkit.verify import figures
+    from toolkit.core.verify import figures
 
     ref, got, info = paired_logits(reference, candidate, tokenizer, vocab_size)
     fig = figures(ref, got)
@@ -140,8 +142,8 @@ def compare(reference, candidate, tokenizer, vocab_size: int) -> dict:
 
 def check_tokenizer(bundle: ModelBundle, folder: Path, what: str) -> None:
     """The tokenizer saved beside the graph must encode the verification text as the model's own does."""
-    from toolkit.tokenizer import Tokenizer
-    from toolkit.verify import VERIFY_TEXT
+    from toolkit.core.tokenizer import Tokenizer
+    from toolkit.core.verify import VERIFY_TEXT
 
     want = bundle.tokenizer.encode(VERIFY_TEXT, add_bos=False)
     got = Tokenizer.from_dir(folder).encode(VERIFY_TEXT, add_bos=False)
@@ -153,7 +155,7 @@ def check_tokenizer(bundle: ModelBundle, folder: Path, what: str) -> None:
 
 def verify(bundle: ModelBundle, folder: Path, threads: int = 1) -> dict:
     from runtimes import RUNTIMES
-    from toolkit.verify import judge
+    from toolkit.core.verify import judge
 
     check_tokenizer(bundle, folder, "ONNX")
     reference = TorchReference(bundle, PROMPT_TOKENS + DECODE_STEPS)
@@ -164,7 +166,7 @@ def verify(bundle: ModelBundle, folder: Path, threads: int = 1) -> dict:
 
 
 def write_side_files(bundle: ModelBundle, folder: Path, variant: str) -> None:
-    from toolkit.arch import config_to_hf
+    from toolkit.core.arch import config_to_hf
 
     (folder / "config.json").write_text(json.dumps(config_to_hf(bundle.config), indent=2) + "\n")
     bundle.tokenizer.save(folder)
@@ -185,7 +187,7 @@ def genai_config(bundle: ModelBundle) -> dict:
             "type": {"qwen2": "qwen2", "qwen3": "qwen3"}.get(cfg.family, "llama"),
             "vocab_size": cfg.vocab_size,
             "decoder": {
-                "filename": "model.onnx", "head_size": cfg.head_dim, "hidden_size": cfg.hidden_size,
+                "filename": MODEL_FILE, "head_size": cfg.head_dim, "hidden_size": cfg.hidden_size,
                 "num_attention_heads": cfg.num_heads, "num_hidden_layers": cfg.num_layers,
                 "num_key_value_heads": cfg.num_kv_heads,
                 "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
@@ -204,7 +206,7 @@ def genai_config(bundle: ModelBundle) -> dict:
 def save_model(model, folder: Path) -> None:
     import onnx
 
-    onnx.save_model(model, str(folder / "model.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
+    onnx.save_model(model, str(folder / MODEL_FILE), save_as_external_data=True, all_tensors_to_one_file=True,
                     location=DATA_FILE, size_threshold=1024)
 
 
@@ -215,7 +217,7 @@ def node_counts(model) -> dict[str, int]:
 
 
 def folder_size(folder: Path) -> int:
-    return sum(p.stat().st_size for p in folder.iterdir() if p.name.startswith("model.onnx"))
+    return sum(p.stat().st_size for p in folder.iterdir() if p.name.startswith(MODEL_FILE))
 
 
 def write_manifest(folder: Path, bundle: ModelBundle, report: OnnxReport, extra: dict | None = None) -> None:

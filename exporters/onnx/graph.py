@@ -27,9 +27,9 @@ import onnx
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from toolkit import rope
-from toolkit.arch import ArchConfig
-from toolkit.bundle import ModelBundle
+from toolkit.core import rope
+from toolkit.core.arch import ArchConfig
+from toolkit.core.bundle import ModelBundle
 
 MASKED = -1e9  # additive bias of a masked key: finite, so a padding row (all keys masked) cannot turn into NaN
 DIMS = ("batch_size", "sequence_length", "past_sequence_length", "total_sequence_length")
@@ -88,13 +88,13 @@ def _matmul_weight(g: Graph, bundle: ModelBundle, name: str) -> str:
     return g.weight(name, _np(bundle, name).T)
 
 
-# why no graph here can hold dynamic NTK scaling (toolkit/rope.py refuses it with this)
+# why no graph here can hold dynamic NTK scaling (toolkit/core/rope.py refuses it with this)
 DYNAMIC_REFUSAL = ("the graphs hold fixed RoPE frequencies (the portable graph's constant inverse frequencies, "
                    "GroupQueryAttention's cos/sin cache)")
 
 
 def _rope_inv_freq(cfg: ArchConfig) -> np.ndarray:
-    # from toolkit.rope, computed as toolkit.model.RotaryTable computes it (torch, fp32), so the angles agree bit
+    # from toolkit.core.rope, computed as toolkit.core.model.RotaryTable computes it (torch, fp32), so the angles agree bit
     # for bit
     return rope.fixed_frequencies(cfg, "ONNX export", DYNAMIC_REFUSAL)[0]
 
@@ -140,7 +140,7 @@ class _Builder:
         gs = q.get("group_size", -1)
         if self.variant != "ort" or q.get("quant_method") != "gptq" or not all(parts) or gs < 16 or gs & (gs - 1):
             return None
-        from quant import gptq_format
+        from toolkit.core import gptq_format
 
         unpacked = [gptq_format.unpack(load()) for load in parts]
         codes = torch.cat([u[0] for u in unpacked])  # [N, K]

@@ -15,16 +15,15 @@ from typing import Any
 
 import numpy as np
 
-from toolkit.arch import FAMILIES, ArchConfig
-from toolkit.bundle import ModelBundle, TensorRef
-from toolkit.checkpoints import Loader, register
-from toolkit.errors import ToolkitError
-from toolkit.rope_layout import pair_permuted_heads, pairs_to_half
+from toolkit.core.arch import FAMILIES, ArchConfig
+from toolkit.core.bundle import ModelBundle, TensorRef
+from toolkit.core.errors import ToolkitError
+from toolkit.core.rope_layout import pair_permuted_heads, pairs_to_half
 
 MAGIC = b"GGUF"
 # GGUF architecture -> family: the inverse of the table's gguf_arch (MiniMind2-MoE is llama.cpp's granitemoe)
 GGUF_FAMILIES = {fam.gguf_arch: name for name, fam in FAMILIES.items() if fam.gguf_arch}
-# float tensor types read in their own dtype (bf16 as its uint16 bits, toolkit.bundle.NUMPY_BITS); every other block
+# float tensor types read in their own dtype (bf16 as its uint16 bits, toolkit.core.bundle.NUMPY_BITS); every other block
 # type is dequantized to float32 by gguf-py
 _PLAIN = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 _EXPERT = re.compile(r"model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(\w+)\.weight$")
@@ -159,7 +158,7 @@ class _Dequantized:
         kind = t.tensor_type.name
         if kind == "F32" or kind == "F16":
             return np.array(t.data)
-        if kind == "BF16":  # carried as its uint16 bits (toolkit.bundle.NUMPY_BITS)
+        if kind == "BF16":  # carried as its uint16 bits (toolkit.core.bundle.NUMPY_BITS)
             return np.array(t.data).view(np.uint16)
         return gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32, copy=False)
 
@@ -223,7 +222,7 @@ def _read(data: _Dequantized, gname: str, expert: int | None, heads: int | None,
 
 
 def load(path: Path, overrides: dict[str, Any]) -> ModelBundle:
-    from toolkit.tokenizer import Tokenizer
+    from toolkit.core.tokenizer import Tokenizer
 
     for option in ("arch", "config", "num_heads", "experts_per_tok", "step"):
         if option in overrides:
@@ -246,4 +245,3 @@ def load(path: Path, overrides: dict[str, Any]) -> ModelBundle:
     return ModelBundle(cfg, refs, tokenizer, provenance)
 
 
-register(Loader("gguf", detect, load))

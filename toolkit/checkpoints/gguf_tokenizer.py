@@ -3,7 +3,7 @@ object) plus the tokenizer_config facts (special tokens, BOS/EOS rules, chat tem
 
 Two of llama.cpp's vocabularies have a tokenizer.json form that tokenizes as llama.cpp does:
 - `gpt2` (byte-level BPE): tokens and merges as stored (tokenizer.json's own spelling), the pre-tokenizer of the
-  file's `tokenizer.ggml.pre` type (toolkit/pretokenizers.py), the ByteLevel decoder;
+  file's `tokenizer.ggml.pre` type (toolkit/core/pretokenizers.py), the ByteLevel decoder;
 - `llama` (SentencePiece BPE): byte-fallback BPE over '▁'-spaced text, merges recovered from the token scores as
   transformers' GGUF loader recovers them (each piece's splits into two pieces of the vocabulary, ranked by the
   piece's score: llama.cpp's SentencePiece merges the pair whose joined piece scores highest), byte pieces <0xNN>,
@@ -19,9 +19,9 @@ from typing import Any
 
 import gguf
 
-from toolkit.errors import ToolkitError
-from toolkit.pretokenizers import hf_pre_tokenizer, pre_type
-from toolkit.tokenizer import Tokenizer
+from toolkit.core.errors import ToolkitError
+from toolkit.core.pretokenizers import hf_pre_tokenizer, pre_type
+from toolkit.core.tokenizer import Tokenizer
 
 _SPECIAL_TOKEN_KEYS = {"bos_token": "bos_token_id", "eos_token": "eos_token_id", "unk_token": "unknown_token_id",
                        "pad_token": "padding_token_id"}

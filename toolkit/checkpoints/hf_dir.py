@@ -6,12 +6,11 @@ import json
 from pathlib import Path
 from typing import Any
 
-from toolkit.arch import HF_MODEL_TYPES, config_from_hf
-from toolkit.bundle import ModelBundle, TensorRef
-from toolkit.checkpoints import Loader, register
 from toolkit.checkpoints.sources import load_torch_state, refs_from_state, safetensors_refs
-from toolkit.errors import ToolkitError
-from toolkit.tokenizer import Tokenizer
+from toolkit.core.arch import HF_MODEL_TYPES, config_from_hf
+from toolkit.core.bundle import ModelBundle, TensorRef
+from toolkit.core.errors import ToolkitError
+from toolkit.core.tokenizer import Tokenizer
 
 
 def detect(path: Path) -> bool:
@@ -36,7 +35,7 @@ def load(path: Path, overrides: dict[str, Any]) -> ModelBundle:
     quantization = cfg.get("quantization_config")
     raw_parts: dict = {}
     if quantization:
-        from quant.checkpoint import dequantized_refs
+        from toolkit.core.quantized import dequantized_refs
 
         refs, raw_parts = dequantized_refs(refs, quantization, path)
     if config.tie_word_embeddings:
@@ -101,4 +100,3 @@ def _unfuse_experts(refs: dict[str, TensorRef]) -> dict[str, TensorRef]:
     return out
 
 
-register(Loader("hf", detect, load))

@@ -13,8 +13,8 @@ from typing import Iterator
 import torch
 from safetensors.torch import save_file
 
-from toolkit.arch import config_to_hf
-from toolkit.bundle import ModelBundle
+from toolkit.core.arch import config_to_hf
+from toolkit.core.bundle import ModelBundle
 
 MAX_SHARD_BYTES = 2 * 1024**3
 

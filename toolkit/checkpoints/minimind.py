@@ -15,13 +15,12 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from toolkit.arch import ArchConfig, family
-from toolkit.bundle import ModelBundle, TensorRef
-from toolkit.checkpoints import Loader, register
 from toolkit.checkpoints.sources import load_torch_state, refs_from_state
-from toolkit.errors import ToolkitError
-from toolkit.rope_layout import pairs_to_half
-from toolkit.tokenizer import Tokenizer
+from toolkit.core.arch import ArchConfig, family
+from toolkit.core.bundle import ModelBundle, TensorRef
+from toolkit.core.errors import ToolkitError
+from toolkit.core.rope_layout import pairs_to_half
+from toolkit.core.tokenizer import Tokenizer
 
 if TYPE_CHECKING:
     import torch
@@ -221,4 +220,3 @@ def _tokenizer(path: Path, overrides: dict[str, Any]) -> Tokenizer:
                        "pass --tokenizer DIR with the tokenizer.json of the model's era (MiniMind's model/ folder)")
 
 
-register(Loader("minimind", detect, load))

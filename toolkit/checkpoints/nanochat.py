@@ -19,13 +19,12 @@ import re
 from pathlib import Path
 from typing import Any
 
-from toolkit.arch import NANOCHAT_EPS, ArchConfig
-from toolkit.bundle import ModelBundle, TensorRef
-from toolkit.checkpoints import Loader, register
 from toolkit.checkpoints.sources import load_torch_state, refs_from_state
-from toolkit.errors import ToolkitError
-from toolkit.tiktoken_bpe import PICKLE_HINT, nanochat_tokenizer
-from toolkit.tokenizer import Tokenizer
+from toolkit.core.arch import NANOCHAT_EPS, ArchConfig
+from toolkit.core.bundle import ModelBundle, TensorRef
+from toolkit.core.errors import ToolkitError
+from toolkit.core.tiktoken_bpe import PICKLE_HINT, nanochat_tokenizer
+from toolkit.core.tokenizer import Tokenizer
 
 MODEL_FILE = re.compile(r"^model_(\d+)\.pt$")
 ERA_A = {"rope_theta": 1e4, "logit_softcap": 15.0}
@@ -144,4 +143,3 @@ def _tokenizer(folder: Path, given: str | Path | None) -> Tokenizer:
                                                            "with tokenizer.json; " + PICKLE_HINT)
 
 
-register(Loader("nanochat", detect, load))

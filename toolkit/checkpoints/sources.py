@@ -8,8 +8,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from toolkit.bundle import NUMPY_BITS, TensorRef
-from toolkit.errors import ToolkitError
+from toolkit.core.bundle import NUMPY_BITS, TensorRef
+from toolkit.core.errors import ToolkitError
 
 if TYPE_CHECKING:
     import torch

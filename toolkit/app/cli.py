@@ -20,7 +20,7 @@ try:  # typer >= 0.20 vendors click; its exceptions live there
 except ImportError:  # pragma: no cover - older typer uses click itself
     from click import exceptions as click_exceptions
 
-from toolkit.errors import ToolkitError
+from toolkit.core.errors import ToolkitError
 
 app = typer.Typer(name="toolkit", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   rich_markup_mode=None,
@@ -113,8 +113,8 @@ def train(
     """Pretrain a MiniMind-style model from scratch; writes a Hugging Face folder with heldout.txt and calib.txt.
 
     Run under `torchrun --nproc_per_node N` for PyTorch DDP (gloo on CPU, nccl on CUDA)."""
-    from toolkit.train import TrainOptions
-    from toolkit.train import train as run_train
+    from toolkit.app.train import TrainOptions
+    from toolkit.app.train import train as run_train
 
     name = text[0].stem if text else "default"
     dest = out_dir or Path("runs") / name
@@ -127,7 +127,7 @@ def train(
                         eval_every=eval_every, save_every=save_every, seed=seed, device=device, threads=threads,
                         resume=str(resume) if resume else None, force=force)
     main_rank = int(os.environ.get("RANK", "0")) == 0
-    from toolkit.progress import step_progress
+    from toolkit.app.progress import step_progress
 
     with step_progress(err, opts.steps, enabled=main_rank) as progress:
         summary = run_train(opts, progress=progress)
@@ -148,7 +148,7 @@ def info(
     experts_per_tok: TopkOpt = None, step: StepOpt = None,
 ):
     """Architecture, parameters, dtype, size, tokenizer and tied embeddings of a checkpoint (reads headers only)."""
-    from toolkit import rope
+    from toolkit.core import rope
 
     bundle = _load(ckpt, arch, tokenizer, config, num_heads, experts_per_tok, step)
     cfg, tok = bundle.config, bundle.tokenizer
@@ -208,8 +208,8 @@ def generate(
     experts_per_tok: TopkOpt = None, step: StepOpt = None,
 ):
     """Generate text, streamed to stdout; prefill and decode speed go to stderr."""
-    from runtimes import RUNTIMES
-    from toolkit.sampling import StreamDecoder, make_sampler
+    import runtimes
+    from toolkit.core.sampling import StreamDecoder, make_sampler
 
     if max_new_tokens <= 0:
         raise ToolkitError(f"--max-new-tokens must be positive, got {max_new_tokens}", "pass e.g. -n 64")
@@ -222,50 +222,16 @@ def generate(
 
         if not torch.cuda.is_available():
             raise ToolkitError("--device cuda but no CUDA device is visible", "use --device cpu")
-    is_gguf = str(model).endswith(".gguf")
-    is_onnx = "onnxruntime" in RUNTIMES and RUNTIMES["onnxruntime"].handles(model)
-    is_mnn = "mnn" in RUNTIMES and RUNTIMES["mnn"].handles(model)
-    name = runtime or ("llama_cpp" if is_gguf else "onnxruntime" if is_onnx else "mnn" if is_mnn else "torch")
-    if name not in RUNTIMES:
-        raise ToolkitError(f"unknown runtime '{name}'", f"available: {', '.join(RUNTIMES)}")
-    if runtime is not None and not RUNTIMES[runtime].handles(model):
-        raise ToolkitError(f"runtime '{runtime}' cannot open {model}",
-                           "export the checkpoint for that runtime first (toolkit export ...)")
+    spec = runtimes.choose(model, runtime)  # a .gguf in llama.cpp, an export folder in its engine, else torch
     sampler = make_sampler(temperature, top_k, top_p, seed)
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-    if is_gguf:  # an exported file runs in its own engine, with its own tokenizer
-        if not Path(model).is_file():
-            raise ToolkitError(f"{model} does not exist", "check the path")
-        rt = RUNTIMES[name].load(model, threads=threads, device=device, verbose=Flags.verbose)
-        if chat:  # the file's Jinja as transformers renders it, tokenized as apply_chat_template does (no BOS added)
-            from exporters.gguf.chat_templates import gguf_chat_prompt
-
-            text = gguf_chat_prompt(Path(model), messages)
-            ids, stops = rt.tokenize(text, special=True), rt.end_of_turn_ids()
-        else:
-            ids, stops = rt.tokenize(prompt), []
-        detokenize = rt.detokenize
-    else:
-        if is_onnx or is_mnn:  # an export folder carries its tokenizer
-            from toolkit.tokenizer import Tokenizer
-
-            rt = RUNTIMES[name].load(model, threads=threads, device=device)
-            tok = Tokenizer.from_dir(Path(model) if Path(model).is_dir() else Path(model).parent)
-        else:
-            bundle = _load(model, arch, tokenizer, config, num_heads, experts_per_tok, step)
-            rt = RUNTIMES[name].load(bundle, threads=threads, device=device)
-            tok = bundle.tokenizer
-        if chat:
-            ids = tok.tok.encode(tok.render_chat(messages), add_special_tokens=False).ids
-            stops = tok.end_of_turn_ids()
-        else:
-            ids, stops = tok.encode(prompt), []
-
-        def detokenize(xs: list[int]) -> str:
-            return tok.decode(xs, skip_special=True)
+    # each runtime tokenizes with what its artifact carries; the loader options reach only checkpoint loaders
+    rt = spec.load(model, threads=threads, device=device, verbose=Flags.verbose, arch=arch, tokenizer=tokenizer,
+                   config=config, num_heads=num_heads, experts_per_tok=experts_per_tok, step=step)
+    ids, stops = rt.chat_ids(messages) if chat else (rt.prompt_ids(prompt), [])
     if not ids:
         raise ToolkitError("the prompt is empty after tokenization", "pass a non-empty --prompt")
-    stream = StreamDecoder(detokenize)
+    stream = StreamDecoder(rt.detokenize)
     if not chat:
         sys.stdout.write(prompt)
 
@@ -282,7 +248,7 @@ def generate(
 # --- convert ---------------------------------------------------------------------------------------------------
 def _verified(v: dict) -> str:
     """The shared verifier's figures and the bar they were judged by, for the closing line of an export."""
-    from toolkit.verify import summary
+    from toolkit.core.verify import summary
 
     bar = ", ".join(f"{k.replace('max_', '').replace('min_', '')} {val:g}" for k, val in v["bar"].items())
     return f"{summary(v)}; bar for {v['judged_as']}: {bar}"
@@ -302,7 +268,7 @@ def convert(
     import torch
 
     from toolkit.checkpoints.hf_writer import save_hf
-    from toolkit.outputs import atomic_output, check_destination
+    from toolkit.core.outputs import atomic_output, check_destination
 
     if to != "hf":
         raise ToolkitError(f"unknown target format '{to}'", "use --to hf; for GGUF/ONNX/MNN see `toolkit export`")
@@ -341,7 +307,7 @@ def export_gguf(
 ):
     """GGUF for llama.cpp and Ollama; writes FILE.gguf and FILE.manifest.json."""
     from exporters import get as get_exporter
-    from toolkit.outputs import check_destination
+    from toolkit.core.outputs import check_destination
 
     dest = out_file or _default_dest(ckpt, f"-{outtype}.gguf")
     check_destination(dest, force)
@@ -382,7 +348,7 @@ def export_onnx(
     """ONNX (fp32) for ONNX Runtime: model.onnx + model.onnx.data with a KV cache, tokenizer and export.json."""
     from exporters import get as get_exporter
     from exporters.onnx import check_opset, check_variant
-    from toolkit.outputs import check_destination
+    from toolkit.core.outputs import check_destination
 
     dest = out_dir or _default_dest(ckpt, f"-onnx-{variant}")
     check_destination(dest, force)
@@ -421,7 +387,7 @@ def export_mnn(
     the MNN wheel), a 16-bit embedding file, tokenizer and export.json. Never calls MNN's telemetry."""
     from exporters import get as get_exporter
     from exporters.mnn import check_options
-    from toolkit.outputs import check_destination
+    from toolkit.core.outputs import check_destination
 
     check_options(None, bits, group_size, hqq)
     dest = out_dir or _default_dest(ckpt, f"-mnn-{bits}bit")
@@ -472,8 +438,8 @@ def _quantize_onnx(kind: str, src: Path, dest: Path | None, force: bool, variant
     import tempfile
     import time
 
-    from quant.onnx_weights import quantize_onnx_folder
-    from toolkit.outputs import check_destination
+    from exporters.onnx.quantize import quantize_onnx_folder
+    from toolkit.core.outputs import check_destination
 
     dest = dest or _default_dest(src, f"-onnx-{kind}")
     check_destination(dest, force)
@@ -588,8 +554,8 @@ def _quantize_checkpoint(kind: str, src: Path, dest: Path | None, force: bool, l
     import shutil
 
     from quant.checkpoint import check_group_size, quantize_checkpoint, refuse_quantized
-    from toolkit.outputs import atomic_output, check_destination
-    from toolkit.progress import count_progress
+    from toolkit.app.progress import count_progress
+    from toolkit.core.outputs import atomic_output, check_destination
 
     suffix = "-int8" if kind == "int8" else f"-{opts.method}4-g{opts.group_size}"
     dest = dest or _default_dest(src, suffix)
@@ -664,16 +630,16 @@ def eval_parity(
     """Put the baseline and every artifact on the same text: PPL, bits per byte, KLD, same-top-token, RMS Δp,
     prefill/decode speed, size, peak memory. Each artifact runs in a fresh process; a row that fails is reported and
     the others still run. Exit 1 when a row failed or a gate is breached."""
-    from toolkit.errors import VerificationError
-    from toolkit.outputs import atomic_output, check_destination
-    from toolkit.parity import ParityOptions, breaches, evaluate
-    from toolkit.parity import report as parity_report
-    from toolkit.progress import count_progress
+    from toolkit.app.parity import ParityOptions, breaches, evaluate
+    from toolkit.app.parity import report as parity_report
+    from toolkit.app.progress import count_progress
+    from toolkit.core.errors import VerificationError
+    from toolkit.core.outputs import atomic_output, check_destination
 
     if threads <= 0 or repeats <= 0:
         raise ToolkitError("--threads and --repeats must be positive", "pass e.g. --threads 1 --repeats 3")
     from runtimes import RUNTIMES
-    from toolkit.parity import WITH_RUNTIMES
+    from toolkit.app.parity import WITH_RUNTIMES
 
     with_runtimes = []
     for name in [n.strip() for n in (with_ or "").split(",") if n.strip()]:
@@ -714,11 +680,11 @@ def quickstart(
 ):
     """Everything on the embedded corpus: train a small model, export GGUF f16/q8_0/q4_k_m (+ Ollama Modelfiles)
     and ONNX fp32/int8/int4, each verified, then eval-parity of all of them on the held-out split."""
-    from toolkit import quickstart as qs
-    from toolkit.outputs import check_destination
-    from toolkit.parity import breaches
-    from toolkit.parity import report as parity_report
-    from toolkit.progress import step_progress
+    from toolkit.app import quickstart as qs
+    from toolkit.app.parity import breaches
+    from toolkit.app.parity import report as parity_report
+    from toolkit.app.progress import step_progress
+    from toolkit.core.outputs import check_destination
 
     check_destination(out_dir, force)
     with step_progress(err, steps or qs.MODEL["steps"]) as progress:
@@ -729,7 +695,7 @@ def quickstart(
               f"Ollama: ollama create <name> -f {out_dir / 'model-q4_k_m.Modelfile'}")
     bad = breaches(result)
     if bad:
-        from toolkit.errors import VerificationError
+        from toolkit.core.errors import VerificationError
 
         raise VerificationError("; ".join(bad), f"see {out_dir / 'parity' / 'parity.md'}")
     out.print(str(out_dir))

@@ -8,7 +8,7 @@ attention over the whole preallocated cache with a mask of the slots already wri
 host values, so `GraphDecoder` records it once per cache capacity and replays it: one launch per token.
 
 With `fused=True` (CUDA with Triton, what the torch runtime uses there) the step's matrix products, attention and
-argmax are this project's Triton kernels (toolkit/triton_gemv.py): 5 launches per layer instead of ~20.
+argmax are this project's Triton kernels (runtimes/torch_runtime/triton_gemv.py): 5 launches per layer instead of ~20.
 
 The prefill runs through the reference model itself, writing into the same cache storage. Greedy decoding can stay
 on the device: each replay also writes argmax(logits) as the next input token, so the host reads tokens back only
@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from toolkit.model import Decoder, KVCache, rotate_half
+from toolkit.core.model import Decoder, KVCache, rotate_half
 
 CAPACITY_STEP = 256  # caches (and their graphs) come in multiples of this many positions, so graphs are reused
 GREEDY_CHUNK = 16  # greedy tokens decoded on the device between two reads of the host
@@ -56,10 +56,10 @@ class StaticStep(nn.Module):
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.slots = torch.arange(capacity, device=device)
         # fused: the products run as Triton matrix-vector kernels with the norms, SiLU gate and residual adds
-        # folded in (toolkit/triton_gemv.py); batch 1 and the gated MLP only
+        # folded in (runtimes/torch_runtime/triton_gemv.py); batch 1 and the gated MLP only
         self.fused = fused and batch == 1 and cfg.fam.mlp == "swiglu" and cfg.fam.norm_weights
         if self.fused:
-            from toolkit import triton_gemv
+            from runtimes.torch_runtime import triton_gemv
             self.kernels = triton_gemv  # imported here: CPU installs have no Triton
             self.inv_freq = model.rope.inv_freq.to(device=device, dtype=torch.float32)
             self.attn_scratch = triton_gemv.attend_scratch(self.nh, self.hd, capacity, device)

@@ -12,12 +12,11 @@ from __future__ import annotations
 import base64
 from pathlib import Path
 
-from tokenizers import Regex
+from tokenizers import Regex, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
-from tokenizers import decoders, models, pre_tokenizers
 
-from toolkit.errors import ToolkitError
-from toolkit.tokenizer import Tokenizer
+from toolkit.core.errors import ToolkitError
+from toolkit.core.tokenizer import Tokenizer
 
 # nanochat/tokenizer.py: GPT-4's split pattern with \p{N}{1,2} (Oniguruma, which `tokenizers` uses, has the
 # possessive quantifiers)

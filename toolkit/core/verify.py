@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from toolkit.errors import VerificationError
+from toolkit.core.errors import VerificationError
 
 # Natural text of several kinds (prose, code, numbers, non-Latin scripts, emoji): distribution figures need real
 # next-token distributions, which a repeated short string does not give a trained model.

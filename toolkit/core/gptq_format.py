@@ -46,6 +46,6 @@ def unpack(t: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torc
 
 
 def dequantize(t: dict[str, torch.Tensor]) -> torch.Tensor:
-    from quant.grid import dequantize_groups
+    from toolkit.core.grid import dequantize_groups
 
     return dequantize_groups(*unpack(t))

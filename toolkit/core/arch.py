@@ -10,8 +10,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from toolkit import rope
-from toolkit.errors import ToolkitError
+from toolkit.core import rope
+from toolkit.core.errors import ToolkitError
 
 
 @dataclass(frozen=True)
@@ -99,7 +99,7 @@ class ArchConfig:
     rope_theta: float = 10000.0
     max_position_embeddings: int = 2048
     # RoPE scaling as transformers' rope_parameters hold it, without rope_theta: {"rope_type": "llama3" | "linear" |
-    # "yarn" | "dynamic", its parameters...}; None for plain RoPE (toolkit/rope.py computes it)
+    # "yarn" | "dynamic", its parameters...}; None for plain RoPE (toolkit/core/rope.py computes it)
     rope_scaling: dict[str, Any] | None = None
     tie_word_embeddings: bool = True
     bos_token_id: int | None = None

@@ -14,9 +14,9 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import numpy as np
 
-from toolkit.arch import ArchConfig
-from toolkit.errors import ToolkitError
-from toolkit.tokenizer import Tokenizer
+from toolkit.core.arch import ArchConfig
+from toolkit.core.errors import ToolkitError
+from toolkit.core.tokenizer import Tokenizer
 
 if TYPE_CHECKING:
     import torch

@@ -14,8 +14,8 @@ import logging
 import shutil
 from pathlib import Path
 
-from toolkit.errors import ToolkitError, VerificationError
-from toolkit.outputs import atomic_output
+from toolkit.core.errors import ToolkitError, VerificationError
+from toolkit.core.outputs import atomic_output
 
 LM_HEAD = "/lm_head/MatMul"
 SIDE_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "genai_config.json")
@@ -75,10 +75,10 @@ def _summary(path: Path) -> dict:
 
 def quantize_onnx_folder(src: Path, dest: Path, kind: str, force: bool = False, threads: int = 1,
                          group_size: int = 32, lm_head_bits: int = 8) -> dict:
-    from exporters.onnx import folder_size, paired_logits
-    from runtimes.onnxruntime import MODEL_FILE, OnnxRuntime
-    from toolkit.tokenizer import Tokenizer
-    from toolkit.verify import judge
+    from exporters.onnx import MODEL_FILE, folder_size, paired_logits
+    from runtimes import RUNTIMES
+    from toolkit.core.tokenizer import Tokenizer
+    from toolkit.core.verify import judge
 
     src = Path(src)
     meta_path = src / "export.json"
@@ -102,7 +102,8 @@ def quantize_onnx_folder(src: Path, dest: Path, kind: str, force: bool = False, 
         tokenizer = Tokenizer.from_dir(src)
         vocab = json.loads((src / "config.json").read_text())["vocab_size"]
         # against the fp32 graph, itself verified against the reference model at fp32 precision
-        ref, got, info = paired_logits(OnnxRuntime(src, threads), OnnxRuntime(work, threads), tokenizer, vocab)
+        ref, got, info = paired_logits(RUNTIMES["onnxruntime"].load(src, threads=threads),
+                                        RUNTIMES["onnxruntime"].load(work, threads=threads), tokenizer, vocab)
         try:
             verification = {**info, **judge(ref, got, f"onnx:{kind}", f"the {kind} graph's logits")}
         except VerificationError as e:

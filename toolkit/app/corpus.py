@@ -10,7 +10,7 @@ import functools
 import sysconfig
 from pathlib import Path
 
-from toolkit.errors import ToolkitError
+from toolkit.core.errors import ToolkitError
 
 SKIP_DIRS = {"test", "tests", "idlelib", "tkinter", "turtledemo", "lib2to3", "ensurepip", "site-packages",
              "dist-packages", "__pycache__", "pydoc_data", "config-3", "venv", "msilib", "encodings"}

@@ -12,7 +12,7 @@ from typing import Callable
 
 import numpy as np
 
-from toolkit.errors import ToolkitError
+from toolkit.core.errors import ToolkitError
 
 
 @dataclass

@@ -12,9 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from toolkit import rope
-from toolkit.arch import ArchConfig
-from toolkit.bundle import ModelBundle
+from toolkit.core import rope
+from toolkit.core.arch import ArchConfig
+from toolkit.core.bundle import ModelBundle
 
 
 class RMSNorm(nn.Module):
@@ -37,7 +37,7 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 class RotaryTable:
     """cos/sin for given positions, computed in fp32 as transformers' rotary embedding does (frequencies and the
-    attention scaling that multiplies cos and sin from toolkit/rope.py), then cast to the activations' dtype.
+    attention scaling that multiplies cos and sin from toolkit/core/rope.py), then cast to the activations' dtype.
 
     Dynamic NTK scaling recomputes the frequencies from each call's longest position once it passes
     max_position_embeddings, as transformers does in its forward. (transformers also keeps the largest frequencies
@@ -106,7 +106,7 @@ class MoE(nn.Module):
         self.experts = nn.ModuleList(MLP(cfg.hidden_size, cfg.moe_intermediate_size) for _ in range(cfg.num_experts))
         self.shared_expert = MLP(cfg.hidden_size, cfg.shared_expert_intermediate_size) if fam.shared_expert else None
         self.shared_expert_gate = nn.Linear(cfg.hidden_size, 1, bias=False) if fam.shared_expert_gated else None
-        # for verifying an engine that routes at lower precision (toolkit/routing_ties.py): record each token's
+        # for verifying an engine that routes at lower precision (toolkit/core/routing_ties.py): record each token's
         # gap between its k-th and (k+1)-th router logit, and take the (k+1)-th expert instead of the k-th at
         # the token rows in `swap`
         self.record_gaps = False

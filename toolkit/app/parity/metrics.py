@@ -96,7 +96,7 @@ def compare_rows(rows: np.ndarray, base: BaselineRecord) -> Comparison:
 
 
 def summarize(c: Comparison, baseline_nll_mean: float, n_bytes: int) -> dict:
-    from toolkit.perplexity import summarize as ppl_summary
+    from toolkit.core.perplexity import summarize as ppl_summary
 
     ppl = ppl_summary(c.nll, 0, 0)
     n = len(c.nll)

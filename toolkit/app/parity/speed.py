@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import statistics
 
-from toolkit.sampling import make_sampler
+from toolkit.core.sampling import make_sampler
 
 
 def _median_std(xs: list[float]) -> tuple[float, float]:

@@ -24,7 +24,7 @@ MAX_RUNS = 256  # reference runs in all; past it the remaining near-ties keep th
 
 
 def _moe_layers(model) -> list:
-    from toolkit.model import MoE
+    from toolkit.core.model import MoE
 
     return [m for m in model.modules() if isinstance(m, MoE)]
 

@@ -1,4 +1,4 @@
-"""One eval-parity row in a fresh process: `python -m toolkit.parity.worker SPEC.json`.
+"""One eval-parity row in a fresh process: `python -m toolkit.app.parity.worker SPEC.json`.
 
 The artifact is loaded the way a user loads it (its runtime, its own file), scored on the tokens the parent wrote
 against the parent's baseline record, then timed (llama-bench's pp512 / tg128 shape). The process imports only its
@@ -39,9 +39,9 @@ def _runs_on_cuda(runtime: str) -> bool:
 
 def run(spec: dict) -> dict:
     from runtimes import RUNTIMES
-    from toolkit.parity.metrics import BaselineRecord, Comparison, compare_rows, summarize
-    from toolkit.parity.speed import time_generation
-    from toolkit.perplexity import scored_positions
+    from toolkit.app.parity.metrics import BaselineRecord, Comparison, compare_rows, summarize
+    from toolkit.app.parity.speed import time_generation
+    from toolkit.core.perplexity import scored_positions
 
     chunks = np.load(spec["tokens"])
     ctx = chunks.shape[1]
@@ -77,7 +77,7 @@ def main() -> None:
     try:
         row = run(spec)
     except Exception as e:  # the parent reports the reason in the row; one line is enough there
-        from toolkit.errors import ToolkitError
+        from toolkit.core.errors import ToolkitError
 
         first = (str(e).splitlines() or [""])[0][:300]
         line = e.line() if isinstance(e, ToolkitError) else f"error: {type(e).__name__}: {first}"

@@ -1,7 +1,7 @@
 """The reference PyTorch model as a runtime: fp32 on CPU, fp16/bf16/fp32 on CUDA, static preallocated KV cache.
 
-On CUDA, decoding replays one recorded CUDA graph per token (toolkit/static_decode.py), built from Triton kernels
-where Triton is installed (toolkit/triton_gemv.py: fused matrix-vector products and attention), and greedy decoding
+On CUDA, decoding replays one recorded CUDA graph per token (runtimes/torch_runtime/static_decode.py), built from Triton kernels
+where Triton is installed (runtimes/torch_runtime/triton_gemv.py: fused matrix-vector products and attention), and greedy decoding
 takes the argmax on the device. Mixture-of-experts models, whose routing has data-dependent shapes, decode eagerly.
 """
 from __future__ import annotations
@@ -13,15 +13,15 @@ from typing import Callable
 import numpy as np
 import torch
 
-from runtimes import Generation, decode_loop
-from toolkit import static_decode
-from toolkit.bundle import ModelBundle
-from toolkit.model import KVCache, build_model
+from runtimes import Generation, TokenizerText, decode_loop
+from runtimes.torch_runtime import static_decode
+from toolkit.core.bundle import ModelBundle
+from toolkit.core.model import KVCache, build_model
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-class TorchRuntime:
+class TorchRuntime(TokenizerText):
     name = "torch"
 
     def __init__(self, bundle: ModelBundle, threads: int | None = None, device: str = "cpu",
@@ -37,6 +37,9 @@ class TorchRuntime:
         self._graph: static_decode.GraphDecoder | None = None  # the latest one: a cache and its recorded step
         how = "CUDA graph, Triton kernels" if self.fused else "CUDA graph"
         self.label = f"torch {dtype} {self.device.type}" + (f" ({how})" if self.use_graph else "")
+
+    def text_tokenizer(self):
+        return self.bundle.tokenizer
 
     @torch.no_grad()
     def logits(self, token_ids: list[int]) -> np.ndarray:
@@ -83,7 +86,8 @@ class TorchRuntime:
         return Generation(out, t1 - t0, time.perf_counter() - t1, len(token_ids), stopped)
 
 
-def load(artifact, threads: int | None = None, device: str = "cpu", dtype: str = "float32", **overrides):
+def load(artifact, threads: int | None = None, device: str = "cpu", dtype: str = "float32", verbose: bool = False,
+         **overrides):
     from toolkit.checkpoints import load_checkpoint
 
     bundle = artifact if isinstance(artifact, ModelBundle) else load_checkpoint(artifact, **overrides)

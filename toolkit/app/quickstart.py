@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from toolkit.outputs import atomic_output
+from toolkit.core.outputs import atomic_output
 
 # the model: 4.2M parameters; about 2 minutes of training on 2 CPUs
 MODEL = dict(vocab_size=4096, hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=2, intermediate_size=768,
@@ -26,11 +26,11 @@ def run(dest: Path, force: bool = False, threads: int = 2, steps: int | None = N
     from exporters import EXPORTERS, available
     from exporters.gguf import export as export_gguf
     from exporters.onnx import export as export_onnx
-    from quant.onnx_weights import quantize_onnx_folder
+    from exporters.onnx.quantize import quantize_onnx_folder
+    from toolkit.app.parity import ParityOptions, evaluate
+    from toolkit.app.parity import report as parity_report
+    from toolkit.app.train import TrainOptions, train
     from toolkit.checkpoints import load_checkpoint
-    from toolkit.parity import ParityOptions, evaluate
-    from toolkit.parity import report as parity_report
-    from toolkit.train import TrainOptions, train
 
     t0 = time.perf_counter()
     timings: dict[str, float] = {}

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from toolkit.errors import ToolkitError
+from toolkit.core.errors import ToolkitError
 
 SCHEMA = 1
 BENCH_PROMPT, BENCH_NEW = 512, 128  # llama-bench's pp512 / tg128
@@ -93,12 +93,9 @@ def resolve_device(device: str) -> tuple[str, str]:
 
 
 def runtime_for(artifact: Path) -> str | None:
-    from runtimes import RUNTIMES
+    from runtimes import handling
 
-    for name in ("llama_cpp", "onnxruntime", "mnn", "torch"):
-        if name in RUNTIMES and RUNTIMES[name].handles(artifact):
-            return name
-    return None
+    return handling(artifact)
 
 
 def artifact_size(artifact: Path) -> int:
@@ -143,9 +140,9 @@ def compute_baseline(bundle, chunks: np.ndarray, device: str, dtype: str, progre
     """The baseline record of every scored position from the reference model, a few chunks per batch."""
     import torch
 
-    from toolkit.model import build_model
-    from toolkit.parity.metrics import BaselineRecord
-    from toolkit.perplexity import scored_positions
+    from toolkit.app.parity.metrics import BaselineRecord
+    from toolkit.core.model import build_model
+    from toolkit.core.perplexity import scored_positions
 
     torch_dtype = {"float16": torch.float16, "float32": torch.float32}[dtype]
     model = build_model(bundle, torch_dtype, device)
@@ -165,7 +162,7 @@ def compute_baseline(bundle, chunks: np.ndarray, device: str, dtype: str, progre
 
 def baseline_speed(bundle, prompt: list[int], device: str, dtype: str, threads: int, repeats: int) -> dict:
     from runtimes import RUNTIMES
-    from toolkit.parity.speed import time_generation
+    from toolkit.app.parity.speed import time_generation
 
     rt = RUNTIMES["torch"].load(bundle, threads=threads, device=device, dtype=dtype)
     return {**time_generation(rt, prompt, BENCH_NEW, repeats), "label": rt.label}
@@ -181,7 +178,7 @@ def run_row(artifact: Path, runtime: str, spec: dict, work: Path, index: int) ->
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
     t0 = time.perf_counter()
     try:
-        proc = subprocess.run([sys.executable, "-m", "toolkit.parity.worker", str(spec_path)], capture_output=True,
+        proc = subprocess.run([sys.executable, "-m", "toolkit.app.parity.worker", str(spec_path)], capture_output=True,
                               text=True, timeout=ROW_TIMEOUT, env=env)
     except subprocess.TimeoutExpired:
         return {"status": "failed", "error": f"timed out after {ROW_TIMEOUT} s"}
@@ -196,10 +193,10 @@ def run_row(artifact: Path, runtime: str, spec: dict, work: Path, index: int) ->
 
 def evaluate(opts: ParityOptions, progress=None, log=print) -> dict:
     """Everything but writing the report: the baseline (cached) and one row per artifact."""
+    from toolkit.app.parity.metrics import BaselineRecord
     from toolkit.checkpoints import load_checkpoint
-    from toolkit.parity.metrics import BaselineRecord
-    from toolkit.perplexity import chunks as make_chunks
-    from toolkit.perplexity import summarize as ppl_summary
+    from toolkit.core.perplexity import chunks as make_chunks
+    from toolkit.core.perplexity import summarize as ppl_summary
 
     if opts.ctx < 16 or opts.ctx % 2:
         raise ToolkitError(f"--ctx {opts.ctx} must be an even number of at least 16", "use --ctx 512 or 256")

@@ -12,7 +12,7 @@ from typing import Any, Iterable
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from toolkit.errors import ToolkitError
+from toolkit.core.errors import ToolkitError
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]  # MiniMind's ids 0, 1, 2: pad/unk, bos, eos
 
@@ -150,8 +150,8 @@ class Tokenizer:
 
 def render_chat_template(template: str | None, messages: list[dict[str, str]], bos: str | None, eos: str | None,
                          add_generation_prompt: bool = True) -> str:
-    """Render a Hugging Face chat template as transformers does (toolkit/chat_render.py)."""
-    from toolkit.chat_render import TemplateError, render
+    """Render a Hugging Face chat template as transformers does (toolkit/core/chat_render.py)."""
+    from toolkit.core.chat_render import TemplateError, render
 
     if not template:
         raise ToolkitError("this model has no chat template", "drop --chat, or add chat_template to "

@@ -10,7 +10,7 @@ import shutil
 from pathlib import Path
 from typing import Iterator
 
-from toolkit.errors import ToolkitError
+from toolkit.core.errors import ToolkitError
 
 
 def check_destination(dest: str | Path, force: bool) -> Path:

@@ -5,7 +5,7 @@ from typing import Callable
 
 import numpy as np
 
-from toolkit.errors import ToolkitError
+from toolkit.core.errors import ToolkitError
 
 
 def make_sampler(temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,

@@ -23,15 +23,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from toolkit.arch import NANOCHAT_EPS, ArchConfig
-from toolkit.bundle import ModelBundle
+from toolkit.app.corpus import default_corpus
 from toolkit.checkpoints.hf_writer import save_hf
-from toolkit.corpus import default_corpus
-from toolkit.errors import Interrupted, ToolkitError
-from toolkit.model import Decoder, init_weights
-from toolkit.outputs import atomic_output, check_destination
-from toolkit.perplexity import perplexity
-from toolkit.tokenizer import Tokenizer
+from toolkit.core.arch import NANOCHAT_EPS, ArchConfig
+from toolkit.core.bundle import ModelBundle
+from toolkit.core.errors import Interrupted, ToolkitError
+from toolkit.core.model import Decoder, init_weights
+from toolkit.core.outputs import atomic_output, check_destination
+from toolkit.core.perplexity import perplexity
+from toolkit.core.tokenizer import Tokenizer
 
 CALIB_CHARS = 256 * 1024  # enough for GPTQ's 128 samples x 512 tokens
 CALIB_PIECES = 64

@@ -1,0 +1,59 @@
+"""Quantized checkpoint folders as the loaders read them: this project's int8 layout and GPTQ-v1 4-bit tensors,
+turned into float32 weights on load (the writing side is quant/checkpoint.py)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from toolkit.core import gptq_format
+from toolkit.core.errors import ToolkitError
+
+INT8_METHOD = "toolkit_int8"
+EMBED = "model.embed_tokens.weight"
+
+
+def dequantized_refs(refs: dict, quantization: dict, path: Path) -> tuple[dict, dict]:
+    """A quantized folder's tensors as the plain float32 weights the rest of the toolkit computes with (dequantized
+    when loaded), and per weight name a loader of its quantized parts."""
+    from toolkit.core.bundle import TensorRef
+
+    method = quantization.get("quant_method")
+    if method == "gptq":
+        if quantization.get("bits") != 4:
+            raise ToolkitError(f"{path}: {quantization.get('bits')}-bit GPTQ is not supported", "use 4-bit GPTQ")
+        suffix, parts = "qweight", ("qweight", "qzeros", "scales", "g_idx")
+    elif method == INT8_METHOD:
+        suffix, parts = "weight_scale", ("weight", "weight_scale")
+    else:
+        raise ToolkitError(f"{path}: quantization method '{method}' is not supported",
+                           "the toolkit reads its own int8 folders and 4-bit GPTQ (v1) folders")
+    out, raw = dict(refs), {}
+    for name in [n for n in refs if n.endswith("." + suffix)]:
+        prefix = name[: -len(suffix)]
+        missing = [prefix + p for p in parts if prefix + p not in refs]
+        if missing:
+            raise ToolkitError(f"{path}: quantized layer {prefix[:-1]} lacks {missing[0]}", "the folder is damaged")
+        members = {p: out.pop(prefix + p) for p in parts}
+        load_parts = lambda m=members: {p: r.load() for p, r in m.items()}  # noqa: E731
+        if method == "gptq":
+            shape = (members["qweight"].shape[1], members["qweight"].shape[0] * gptq_format.PER_INT)
+            fn = lambda load=load_parts: gptq_format.dequantize(load())  # noqa: E731
+        else:
+            shape = members["weight"].shape
+            fn = lambda load=load_parts: _int8_dequantize(load())  # noqa: E731
+        weight = prefix + "weight"
+        out[weight] = TensorRef(weight, tuple(shape), torch.float32, fn)
+        raw[weight] = load_parts
+    if method == "gptq" and quantization.get("toolkit_embed_bits") == 8:
+        scale = EMBED.removesuffix("weight") + "weight_scale"
+        if EMBED not in out or scale not in out:
+            raise ToolkitError(f"{path}: toolkit_embed_bits 8 but {scale} is missing", "the folder is damaged")
+        members = {"weight": out.pop(EMBED), "weight_scale": out.pop(scale)}
+        out[EMBED] = TensorRef(EMBED, tuple(members["weight"].shape), torch.float32,
+                               lambda m=members: _int8_dequantize({p: r.load() for p, r in m.items()}))
+    return out, raw
+
+
+def _int8_dequantize(parts: dict[str, torch.Tensor]) -> torch.Tensor:
+    return parts["weight"].float() * parts["weight_scale"].float()[:, None]
