@@ -54,8 +54,8 @@ def main() -> None:
     seconds = {}
     for name, (dest, cmd) in jobs.items():
         seconds[name] = toolkit(*cmd, "-o", str(dest), "--force")
-        report = json.loads((dest / "quantization.json").read_text())
-        seconds[name] = report["seconds"]
+        report = json.loads((dest / "manifest.json").read_text())
+        seconds[name] = report["details"]["seconds"]
     artifacts = [dest for dest, _ in jobs.values()]
     if args.device == "cpu":
         q4 = work / "mm26-q4_k_m.gguf"

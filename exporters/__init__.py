@@ -19,19 +19,6 @@ class ExporterSpec:
 EXPORTERS: dict[str, ExporterSpec] = {}
 
 
-def package_versions(*packages: str) -> dict[str, str | None]:
-    """Installed versions for an artifact's manifest (None where a package is absent)."""
-    import importlib.metadata as md
-
-    versions: dict[str, str | None] = {}
-    for pkg in packages:
-        try:
-            versions[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            versions[pkg] = None
-    return versions
-
-
 def register(spec: ExporterSpec) -> ExporterSpec:
     EXPORTERS[spec.name] = spec
     return spec

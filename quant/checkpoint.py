@@ -241,3 +241,18 @@ def verify_checkpoint(bundle: ModelBundle, folder: Path, kind: str) -> dict:
         ref = build_model(bundle)(ids)[0].numpy()
         got = build_model(load_checkpoint(folder))(ids)[0].numpy()
     return judge(ref, got, f"checkpoint:{kind}", f"the {kind} checkpoint's logits")
+
+
+def write_checkpoint_manifest(bundle: ModelBundle, folder: Path, name: str, kind: str, report: dict,
+                              source_hash=None) -> None:
+    """The quantized folder's manifest.json (toolkit/core/manifest.py), written into `folder` (the partial folder
+    that becomes `name`); the torch runtime opens it, reading the weights through the Hugging Face loader."""
+    from toolkit.core import manifest
+
+    size = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+    details = {k: v for k, v in report.items() if k not in ("verification", "quantization_config")}
+    manifest.write(folder / manifest.FOLDER_FILE, manifest.build(
+        format="checkpoint", runtime="torch", artifact=name, bundle=bundle, dtype=kind, size_bytes=size,
+        versions=manifest.package_versions("torch", "safetensors", "edge-toolkit"),
+        verification=report.get("verification"), source_hash=source_hash,
+        quantization=report["quantization_config"], details=details))

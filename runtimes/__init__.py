@@ -146,8 +146,14 @@ RUNTIMES: dict[str, RuntimeSpec] = {
 
 
 def handling(artifact) -> str | None:
-    """The runtime that opens this artifact by its format (files of other tools too: a .gguf from any converter);
-    the engines' own formats before the reference model, whose loaders also read GGUF files."""
+    """The runtime that opens this artifact: the one its manifest names (toolkit/core/manifest.py), else the one
+    its format asks for (files of other tools: a .gguf from any converter), the engines' own formats before the
+    reference model, whose loaders also read GGUF files."""
+    from toolkit.core import manifest
+
+    named = (manifest.read(artifact) or {}).get("runtime") if Path(artifact).exists() else None
+    if named in RUNTIMES:
+        return named
     for spec in sorted(RUNTIMES.values(), key=lambda spec: spec.name == "torch"):
         if spec.handles(artifact):
             return spec.name

@@ -10,7 +10,6 @@ Embedding rows come from the folder's 16-bit file. Text is decoded with the bund
 """
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Callable
@@ -18,6 +17,7 @@ from typing import Callable
 import numpy as np
 
 from runtimes import Generation, TokenizerText, decode_loop
+from toolkit.core import manifest
 from toolkit.core.errors import ToolkitError
 from toolkit.core.fd_redirect import redirected
 
@@ -37,19 +37,20 @@ class MnnRuntime(TokenizerText):
     def __init__(self, artifact, threads: int = 1, memory_mode: str | None = None):
         p = Path(artifact)
         self.dir = p.parent if p.suffix == ".mnn" else p
-        meta_path = self.dir / "export.json"
-        if not meta_path.is_file():
-            raise ToolkitError(f"{self.dir} has no export.json", "export the model with `toolkit export mnn`")
-        self.meta = json.loads(meta_path.read_text())
-        g = self.meta["graph"]
+        self.meta = manifest.read(self.dir)
+        if self.meta is None or self.meta["format"] != "mnn":
+            raise ToolkitError(f"{self.dir} has no MNN manifest.json (the graph's names and RoPE tables)",
+                               "export the model with `toolkit export mnn`")
+        details = self.meta["details"]
+        g = details["graph"]
         self.layers, self.kv, self.hd, self.max_positions = (g["num_layers"], g["num_kv_heads"], g["head_dim"],
                                                              g["max_positions"])
-        self.embed = np.load(self.dir / self.meta["embedding_file"], mmap_mode="r")
+        self.embed = np.load(self.dir / details["embedding_file"], mmap_mode="r")
         self.inv_freq = np.asarray(g["rope_inv_freq"], np.float32)
         self.rope_sign = np.float32(g.get("rope_sign", 1))
         self.rope_scale = np.float32(g.get("rope_attention_scaling", 1.0))  # yarn's factor on cos and sin
         nn, self.F = _engine()
-        mode = memory_mode or self.meta.get("memory_mode", "normal")
+        mode = memory_mode or details.get("memory_mode", "normal")
         cache_names = [f"{{}}.{i}.{t}" for i in range(self.layers) for t in ("key", "value")]
         inputs = ["inputs_embeds", "rope_cos", "rope_sin", "position_ids"] + [n.format("past_key_values")
                                                                                for n in cache_names]
@@ -60,7 +61,8 @@ class MnnRuntime(TokenizerText):
         if self.module is None:
             raise ToolkitError(f"MNN cannot load {self.dir / 'model.mnn'}", "export it again")
         self.capacity, self.cache, self.position = 0, [], 0
-        self.label = f"MNN {self.dir.name} ({self.meta.get('bits')}-bit, {mode} memory)"
+        bits = (self.meta["quantization"] or {}).get("bits", 16)
+        self.label = f"MNN {self.dir.name} ({bits}-bit, {mode} memory)"
 
     # --- the cache ---
     def _reserve(self, needed: int) -> None:

@@ -10,7 +10,6 @@ Only the last row of logits comes back to Python.
 """
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Callable
@@ -18,6 +17,7 @@ from typing import Callable
 import numpy as np
 
 from runtimes import Generation, TokenizerText, decode_loop
+from toolkit.core import manifest
 from toolkit.core.errors import ToolkitError
 
 MODEL_FILE = "model.onnx"
@@ -63,10 +63,9 @@ class OnnxRuntime(TokenizerText):
         self.vocab_size = int(self.session.get_outputs()[0].shape[-1])
         self.kv_in_place = bool(self.past_names) and _has_op(path, "GroupQueryAttention")
         self.dir = path.parent
-        meta = path.parent / "export.json"
-        self.meta = json.loads(meta.read_text()) if meta.is_file() else {}
-        self.label = f"onnxruntime {self.meta.get('variant', '')} {self.meta.get('dtype', '')} {self.device}".replace(
-            "  ", " ")
+        self.meta = manifest.read(path.parent) or {}  # a graph of another tool's has none
+        variant = self.meta.get("details", {}).get("variant", "")
+        self.label = f"onnxruntime {variant} {self.meta.get('dtype', '')} {self.device}".replace("  ", " ")
 
     # --- plain runs (numpy in, numpy out): verification and scoring ---
     def empty_past(self, batch: int) -> dict[str, np.ndarray]:

@@ -17,6 +17,7 @@ from tests.helpers import random_bundle
 from toolkit.checkpoints import load_checkpoint
 from toolkit.core.bundle import ModelBundle
 from toolkit.core.errors import ToolkitError, VerificationError
+from toolkit.core.manifest import source_sha256
 from toolkit.core.model import build_model
 from toolkit.core.tokenizer import Tokenizer
 
@@ -125,7 +126,9 @@ def test_q8_0_and_f16_on_trained_model(trained_model, tmp_path):
     q8 = LlamaCppRuntime(tmp_path / "t-q8_0.gguf").logits(held)
     assert (fp32.argmax(-1) == q8.argmax(-1)).mean() >= 0.97
     manifest = json.loads((tmp_path / "t-q8_0.manifest.json").read_text())
-    assert manifest["outtype"] == "q8_0" and manifest["verification"]["tokenizer_match"]
+    assert manifest["schema"] == "edge-toolkit/artifact-1" and manifest["runtime"] == "llama_cpp"
+    assert manifest["dtype"] == "q8_0" and manifest["verification"]["tokenizer_match"]
+    assert manifest["quantization"]["type"] == "q8_0" and manifest["source"]["sha256"] == source_sha256(trained_model)
     assert 8.0 < report.bits_per_weight < 9.5
 
 
@@ -148,7 +151,7 @@ def test_k_quant_fallback_is_reported_for_width_2432(tmp_path):
     report = export(bundle, tmp_path / "w-q4_k_m.gguf", "q4_k_m", verify_file=False)
     assert report.fallbacks and any("2432" in line for line in report.fallbacks), report.fallbacks
     manifest = json.loads((tmp_path / "w-q4_k_m.manifest.json").read_text())
-    assert manifest["fallbacks"] == report.fallbacks
+    assert manifest["details"]["fallbacks"] == report.fallbacks and manifest["verification"] is None
 
 
 @pytest.mark.parametrize("era", ["minimind2-tokenizer", "minimind3-tokenizer"])

@@ -79,7 +79,7 @@ def test_commands_from_a_gguf(tmp_path):
     assert want.abs().max() > 1.0 and (got - want).abs().max() <= 1e-4
     proc = run_cli("export", "onnx", path, "-o", tmp_path / "onnx")
     assert proc.returncode == 0, proc.stderr[-2000:]
-    manifest = json.loads((tmp_path / "onnx" / "export.json").read_text())
+    manifest = json.loads((tmp_path / "onnx" / "manifest.json").read_text())
     assert manifest["verification"]["passed"] and manifest["source"]["format"] == "gguf"
 
 

@@ -49,7 +49,7 @@ def test_16bit_matches_reference(family, tmp_path):
     report = export(bundle, tmp_path / "out", bits=16)
     assert report.verification["passed"] and report.verification["finite"]
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
-        "config.json", "embeddings.f16.npy", "export.json", "model.mnn", "tokenizer.json", "tokenizer_config.json"]
+        "config.json", "embeddings.f16.npy", "manifest.json", "model.mnn", "tokenizer.json", "tokenizer_config.json"]
     runtime = MnnRuntime(tmp_path / "out")
     prefill, decode = _prefill_and_decode(weights.file_bundle(bundle, 16, 0), runtime)
     assert prefill <= 1e-4 and decode <= 1e-4, (prefill, decode)
@@ -131,8 +131,9 @@ def test_trained_model_8_and_4_bit_agree_with_fp32(trained_model, trained_mnn):
         got = np.concatenate([rt.logits(c) for c in chunks])
         assert np.isfinite(got).all()
         agreement[bits] = float((got.argmax(-1) == ref).mean())
-        meta = json.loads((folder / "export.json").read_text())
-        assert meta["bits"] == bits and meta["group_size"] == 64 and meta["memory_mode"] == "low"
+        meta = json.loads((folder / "manifest.json").read_text())
+        assert meta["quantization"]["bits"] == bits and meta["quantization"]["group_size"] == 64
+        assert meta["details"]["memory_mode"] == "low" and meta["runtime"] == "mnn"
     assert agreement[8] >= 0.95 and agreement[4] >= 0.85, agreement
     sizes = {b: (f / "model.mnn").stat().st_size for b, f in trained_mnn.items()}
     assert sizes[4] < 0.6 * sizes[8]

@@ -200,3 +200,62 @@ def test_cli_validate(folder):
     (folder / "bad").write_text("FROM ./m.gguf\nPARAMETER num_ctx lots\n")
     assert "invalid int value" in assert_usage_error(run_cli("modelfile", "validate", folder / "bad"))
 
+
+
+# other texts than the writer chose its TEMPLATE on (exporters/gguf/chat_templates.CONVERSATIONS): the check is not
+# the writer's own
+CONVERSATIONS = {
+    "user": [{"role": "user", "content": "Name three primary colours."}],
+    "system, user": [{"role": "system", "content": "Answer in one line."},
+                     {"role": "user", "content": "Name three primary colours."}],
+    "user, assistant, user": [{"role": "user", "content": "Hi"},
+                              {"role": "assistant", "content": "Hello! How can I help?"},
+                              {"role": "user", "content": "Count to three."}],
+    "system, user, assistant, user": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                                      {"role": "assistant", "content": "Hello."},
+                                      {"role": "user", "content": "Count to three."}],
+}
+
+
+def _modelfile_cases():
+    """Tokenizers whose Modelfiles get a TEMPLATE: the tiny ChatML one, the real Llama-3-Instruct, Llama-3.1 and
+    Phi-3.5 templates."""
+    yield "chatml", tiny_tokenizer
+    if (SHARED_DATA / "real-tokenizers" / "llama3-instruct").is_dir():
+        yield "llama3", lambda: Tokenizer.from_dir(SHARED_DATA / "real-tokenizers" / "llama3-instruct")
+    yield "llama3.1", lambda: _with_template(_sdist_template("meta-llama-Llama-3.1-8B-Instruct"),
+                                             bos_token="<|begin_of_text|>", eos_token="<|eot_id|>",
+                                             add_bos_token=True)
+    yield "phi3", lambda: _with_template(_sdist_template("microsoft-Phi-3.5-mini-instruct"), bos_token="<s>",
+                                         eos_token="<|endoftext|>")
+
+
+@pytest.mark.parametrize("name", [name for name, _ in _modelfile_cases()])
+def test_written_modelfile_renders_as_transformers_does(name, folder, go):
+    """The Modelfile writer judged by oracles nobody here wrote: the file as written, parsed for its TEMPLATE and
+    SYSTEM, rendered by Go's text/template with Ollama's data model, equals transformers' own chat-template renderer
+    on every conversation; the only allowed difference is the BOS that llama.cpp puts first by itself (when the
+    tokenizer adds BOS: tokenizer_config's add_bos_token, else its tokenizer.json post-processor)."""
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    from exporters.gguf.ollama_go import Case, render
+
+    tok = dict(_modelfile_cases())[name]()
+    assert write_modelfile(folder / "m.gguf", tok, 4096, folder / "m.Modelfile") is None
+    ins = _instructions(folder / "m.Modelfile")
+    system = ins.get("system", "")
+    specials = {k: tok.config[k] for k in ("bos_token", "eos_token") if isinstance(tok.config.get(k), str)}
+    bos = specials.get("bos_token")
+    adds_bos = bos is not None and tok.add_bos  # what the GGUF's tokenizer.ggml.add_bos_token then says
+    cases = [Case(messages, system=system) for messages in CONVERSATIONS.values()]
+    rendered = render([(ins["template"], cases)])[0]
+    assert rendered.parse_error is None, rendered.parse_error
+    for (conv, messages), got in zip(CONVERSATIONS.items(), rendered.prompts):
+        # Ollama inserts the Modelfile's SYSTEM as the first message of a chat that has none
+        chat = messages if messages[0]["role"] == "system" or not system else [
+            {"role": "system", "content": system}, *messages]
+        want = render_jinja_template([chat], chat_template=tok.config["chat_template"], add_generation_prompt=True,
+                                     **specials)[0][0]
+        if adds_bos and want.startswith(bos) and not got.startswith(bos):
+            want = want[len(bos):]
+        assert got == want, (name, conv, got, want)

@@ -125,7 +125,7 @@ def test_onnx_export_of_a_nanochat_checkpoint(nanochat_dir, variant, tmp_path):
     out = tmp_path / "onnx"
     proc = run_cli("export", "onnx", folder, "-o", out, "--variant", variant)
     assert proc.returncode == 0, proc.stderr[-2000:]  # self-verified: prefill + 16 cached steps within 1e-4
-    assert json.loads((out / "export.json").read_text())["verification"]["max_abs_diff"] <= TOL
+    assert json.loads((out / "manifest.json").read_text())["verification"]["max_abs_diff"] <= TOL
     ids = torch.randint(0, vocab, (1, 48), generator=torch.Generator().manual_seed(1))
     ours = OnnxRuntime(out).logits(ids[0].tolist())
     ref = _era_a_logits(states[200], vocab, ids)[0].numpy()

@@ -181,12 +181,14 @@ def test_gptq_checkpoint_exports_keep_its_numbers(trained_model, quantized, tmp_
     proc = run_cli("export", "gguf", folder, "-o", gguf_file, "--outtype", "q4_0")
     assert proc.returncode == 0, proc.stderr[-2000:]
     manifest = json.loads((tmp_path / "m.manifest.json").read_text())
-    assert "lossless" in manifest["from_quantized_checkpoint"]
+    assert "lossless" in manifest["details"]["from_quantized_checkpoint"]
+    assert manifest["quantization"]["method"] == "GPTQ codes repacked into Q4_0"
     onnx_dir = tmp_path / "onnx"
     proc = run_cli("export", "onnx", folder, "-o", onnx_dir, "--variant", "ort")
     assert proc.returncode == 0, proc.stderr[-2000:]  # verified within 1e-4 against the dequantized weights
-    meta = json.loads((onnx_dir / "export.json").read_text())
-    assert "imported into 16 MatMulNBits" in meta["from_quantized_checkpoint"]  # 4 layers x (qkv, o, gate_up, down)
+    meta = json.loads((onnx_dir / "manifest.json").read_text())
+    assert "imported into 16 MatMulNBits" in meta["details"]["from_quantized_checkpoint"]
+    assert meta["dtype"] == "int4" and meta["quantization"]["group_size"] == 32  # 4 layers x (qkv, o, gate_up, down)
     for rt in (LlamaCppRuntime(gguf_file), OnnxRuntime(onnx_dir)):
         assert _argmax_agreement(rt.logits(tokens), ref) >= 0.97
 

@@ -232,10 +232,10 @@ def test_smollm2_quantized_checkpoints_and_their_exports_verified(smollm2_path, 
                    shared_data / "tinyshakespeare.txt", "--nsamples", "8", "--seqlen", "128")
     assert proc.returncode == 0, proc.stderr[-2000:]
     for folder, kind in ((int8, "int8"), (int4, "int4")):
-        v = json.loads((folder / "quantization.json").read_text())["verification"]
+        v = json.loads((folder / "manifest.json").read_text())["verification"]
         assert v["passed"] and v["judged_as"] == f"checkpoint:{kind}", v
     proc = run_cli("export", "gguf", int8, "-o", tmp_path / "int8-q8_0.gguf", "--outtype", "q8_0")
     assert proc.returncode == 0, proc.stderr[-2000:]
     proc = run_cli("export", "onnx", int4, "-o", tmp_path / "gptq4-onnx", "--variant", "ort")
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert json.loads((tmp_path / "gptq4-onnx" / "export.json").read_text())["verification"]["passed"]
+    assert json.loads((tmp_path / "gptq4-onnx" / "manifest.json").read_text())["verification"]["passed"]

@@ -298,7 +298,7 @@ def test_mnn_16bit_matches_reference_past_original_context(family, scaling, tmp_
     assert prefill <= 1e-4 and decode <= 1e-4, (prefill, decode)
     off_prefill, off_decode = _prefill_and_decode(_plain(on_file), runtime)
     assert max(off_prefill, off_decode) > 1e-2
-    graph = json.loads((tmp_path / "out" / "export.json").read_text())["graph"]
+    graph = json.loads((tmp_path / "out" / "manifest.json").read_text())["details"]["graph"]
     inv, scale = rope.for_config(bundle.config)
     assert graph["rope_inv_freq"] == inv.tolist() and graph["rope_attention_scaling"] == scale
 

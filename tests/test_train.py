@@ -85,20 +85,43 @@ def test_resume_continues_the_run(tmp_path):
     assert (tmp_path / "a" / "tokenizer.json").read_text() == (tmp_path / "b" / "tokenizer.json").read_text()
 
 
+def _log(folder):
+    return [json.loads(line) for line in (folder / "train_log.jsonl").read_text().splitlines()]
+
+
 def test_torchrun_two_processes(tmp_path):
+    """Two DDP ranks train as one process with twice the accumulation does: the same global batch each step (the
+    loss, gradient norm and lr logged per step agree), the two ranks end with identical weights (each rank's digest,
+    gathered into training.json), and the saved weights equal the single process's within float summation order."""
     text = tmp_path / "t.txt"
     text.write_text(default_corpus()[:120_000])
-    out = tmp_path / "ddp"
+    out, single = tmp_path / "ddp", tmp_path / "single"
+    args = ["--text", str(text), "--steps", "6", "--device", "cpu", *QUICK, "--eval-every", "100"]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                           "29533", "-m", "toolkit", "train", "--text", str(text), "-o", str(out), "--steps", "6",
-                           "--device", "cpu", *QUICK], env=env, capture_output=True, text=True, timeout=600)
+                           "29533", "-m", "toolkit", "train", "-o", str(out), *args], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = run_cli("train", "-o", single, *args, "--grad-accum", "2", env={"OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((out / "training.json").read_text())
     assert summary["world_size"] == 2
+    digests = summary["rank_weights_sha256"]
+    assert len(digests) == 2 and digests[0] == digests[1] and len(digests[0]) == 64
     assert (out / "heldout.txt").is_file() and (out / "calib.txt").is_file()
-    bundle = load_checkpoint(out)
+    ddp_log, one_log = _log(out), _log(single)
+    assert [r["step"] for r in ddp_log] == list(range(1, 7))
+    for a, b in zip(ddp_log, one_log):
+        assert a["lr"] == b["lr"]
+        assert abs(a["loss"] - b["loss"]) <= 1e-5 * abs(b["loss"]), (a, b)
+        assert abs(a["grad_norm"] - b["grad_norm"]) <= 1e-4 * abs(b["grad_norm"]), (a, b)
+    assert ddp_log[-1]["loss"] < ddp_log[0]["loss"]  # it trained
+    bundle, reference = load_checkpoint(out), load_checkpoint(single)
     assert bundle.config.family == "llama"
+    assert sorted(bundle.tensors) == sorted(reference.tensors)
+    for name in bundle.tensors:
+        got, want = bundle.load(name, torch.float32), reference.load(name, torch.float32)
+        assert torch.allclose(got, want, rtol=1e-4, atol=1e-6), name
     ids = torch.tensor([bundle.tokenizer.encode("Return the value of")])
     with torch.no_grad():
         assert np.isfinite(build_model(bundle)(ids).numpy()).all()

@@ -16,6 +16,7 @@ from exporters.gguf.writer import GGUFReport, write_gguf, write_manifest
 from toolkit.core.bundle import ModelBundle
 from toolkit.core.errors import ToolkitError, VerificationError
 from toolkit.core.fd_redirect import redirected
+from toolkit.core.manifest import SourceHash, manifest_path
 from toolkit.core.outputs import atomic_output, check_destination
 
 # router-logit gap below which llama.cpp, computing at the type's precision, may pick the other expert of a near-tie
@@ -67,10 +68,11 @@ def export(bundle: ModelBundle, out: Path, outtype: str = "f16", verify_file: bo
     out = Path(out)
     if out.suffix != ".gguf":
         raise ToolkitError(f"{out} does not end in .gguf", "name the output FILE.gguf")
-    manifest = out.with_name(out.stem + ".manifest.json")
+    manifest = manifest_path(out)
     modelfile = out.with_name(out.stem + ".Modelfile")
     for dest in (out, manifest, modelfile):
         check_destination(dest, force)
+    source_hash = SourceHash(bundle.provenance)
     with atomic_output(out, force) as partial, atomic_output(manifest, force) as partial_manifest, \
             atomic_output(modelfile, force) as partial_modelfile:
         if outtype in LLAMA_QUANTIZED and not (outtype == "q4_0" and gptq_q4_0_exact(bundle)):
@@ -84,7 +86,7 @@ def export(bundle: ModelBundle, out: Path, outtype: str = "f16", verify_file: bo
                                   gguf_file=partial)
         if warning:
             report.warnings.append(warning)
-        write_manifest(report, bundle, partial_manifest)
+        write_manifest(report, bundle, partial_manifest, source_hash)
     return report
 
 

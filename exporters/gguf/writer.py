@@ -1,7 +1,6 @@
 """Write a GGUF file from a bundle, streaming one tensor at a time, then verify it in llama.cpp."""
 from __future__ import annotations
 
-import json
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -186,21 +185,26 @@ def _np_dtype(t):
                                                                                                       np.uint8)
 
 
-def write_manifest(report: GGUFReport, bundle: ModelBundle, path: Path) -> None:
-    from exporters import package_versions
+def write_manifest(report: GGUFReport, bundle: ModelBundle, path: Path, source_hash=None) -> None:
+    from exporters.gguf.tensors import gptq_q4_0_exact
+    from toolkit.core import manifest
 
-    versions = package_versions("gguf", "llama-cpp-python", "torch")
-    manifest = {"format": "gguf", "artifact": Path(report.path).name, "arch": report.arch,
-                "family": bundle.config.family, "outtype": report.outtype, "size_bytes": report.size_bytes,
-                "bits_per_weight": report.bits_per_weight, "tensor_types": report.tensor_types,
-                "fallbacks": report.fallbacks, "warnings": report.warnings,
-                "source": bundle.provenance, "versions": versions, "verification": report.verification}
+    details = {"gguf_arch": report.arch, "bits_per_weight": report.bits_per_weight,
+               "tensor_types": report.tensor_types, "fallbacks": report.fallbacks}
+    repacked = report.outtype == "q4_0" and gptq_q4_0_exact(bundle)
     if bundle.provenance.get("quantization"):
-        from exporters.gguf.tensors import gptq_q4_0_exact
-
-        exact = report.outtype == "q4_0" and gptq_q4_0_exact(bundle)
-        manifest["from_quantized_checkpoint"] = (
-            "Q4_0 blocks repacked from the GPTQ codes and fp16 scales (lossless)" if exact else
+        details["from_quantized_checkpoint"] = (
+            "Q4_0 blocks repacked from the GPTQ codes and fp16 scales (lossless)" if repacked else
             f"{report.outtype} written from the checkpoint's dequantized weights (re-quantized where the type is "
             "quantized; only symmetric GPTQ with group size 32 maps onto Q4_0 exactly)")
-    path.write_text(json.dumps(manifest, indent=2, default=str) + "\n")
+    quantization = None
+    if report.outtype == "q8_0":
+        quantization = {"method": "Q8_0 blocks written here (llama.cpp's rounding)", "type": "q8_0"}
+    elif report.outtype not in ("f32", "f16", "bf16"):
+        quantization = {"method": "GPTQ codes repacked into Q4_0" if repacked else
+                        "llama.cpp's quantizer (llama_model_quantize)", "type": report.outtype}
+    manifest.write(path, manifest.build(
+        format="gguf", runtime="llama_cpp", artifact=Path(report.path).name, bundle=bundle, dtype=report.outtype,
+        size_bytes=report.size_bytes, versions=manifest.package_versions("gguf", "llama-cpp-python", "torch"),
+        verification=report.verification or None, source_hash=source_hash, quantization=quantization,
+        warnings=report.warnings, details=details))

@@ -3,12 +3,11 @@ by the MNN wheel's converter to a .mnn with 16-, 8- or 4-bit weights, verified i
 run on the file's own weights, then moved into place.
 
 Folder layout: model.mnn (graph + weights), embeddings.f16.npy (the token embedding, looked up by the runtime),
-config.json (Hugging Face config), tokenizer.json + tokenizer_config.json, export.json (bits, group size, names,
-verification, versions).
+config.json (Hugging Face config), tokenizer.json + tokenizer_config.json, manifest.json (toolkit/core/manifest.py;
+its details carry the graph's names and RoPE tables the runtime reads).
 """
 from __future__ import annotations
 
-import json
 import math
 import tempfile
 import time
@@ -18,9 +17,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from exporters import ExporterSpec, package_versions, register
+from exporters import ExporterSpec, register
 from exporters.mnn import converter, weights
-from toolkit.core import rope
+from toolkit.core import manifest, rope
 from toolkit.core.bundle import ModelBundle
 from toolkit.core.errors import ToolkitError
 from toolkit.core.outputs import atomic_output, check_destination
@@ -45,7 +44,7 @@ class MnnReport:
 
 
 # why an MNN export cannot hold dynamic NTK scaling (toolkit/core/rope.py refuses it with this)
-DYNAMIC_REFUSAL = "the exported folder's RoPE frequencies are fixed in export.json, which the runtime reads once"
+DYNAMIC_REFUSAL = "the exported folder's RoPE frequencies are fixed in manifest.json, which the runtime reads once"
 
 
 def rope_tables(bundle: ModelBundle) -> tuple[np.ndarray, float]:
@@ -110,13 +109,12 @@ def verify(bundle: ModelBundle, folder: Path, bits: int, group_size: int, hqq: b
             "near_tie_routes_followed": swapped, "against": "reference model on the source weights"}
 
 
-def write_manifest(folder: Path, bundle: ModelBundle, report: MnnReport, memory_mode: str) -> None:
+def write_manifest(folder: Path, bundle: ModelBundle, report: MnnReport, memory_mode: str,
+                   source_hash=None) -> None:
     cfg = bundle.config
     inv_freq, attention_scaling = rope_tables(bundle)
-    manifest = {
-        "format": "mnn", "bits": report.bits, "group_size": report.group_size if report.bits < 16 else None,
-        "hqq": report.hqq, "dtype": {16: "float16", 8: "int8", 4: "int4"}[report.bits],
-        "memory_mode": memory_mode, "family": cfg.family, "size_bytes": report.size_bytes,
+    details = {
+        "memory_mode": memory_mode, "embedding_file": EMBED_FILE,
         "graph": {"opset": 17, "variant": "static", "inputs": ["inputs_embeds", "rope_cos", "rope_sin", "position_ids"],
                   "cache_inputs": "past_key_values.%d.key / .value [1, kv_heads, capacity, head_dim]",
                   "outputs": ["logits"], "cache_outputs": "present.%d.key / .value",
@@ -126,14 +124,20 @@ def write_manifest(folder: Path, bundle: ModelBundle, report: MnnReport, memory_
                   # sin multiplied by the attention scaling (yarn), sin negated for rope_sign -1
                   "rope_inv_freq": [float(x) for x in inv_freq], "rope_attention_scaling": attention_scaling,
                   "rope_sign": cfg.fam.rope_sign},
-        "embedding_file": EMBED_FILE, "source": bundle.provenance,
-        "versions": package_versions("MNN", "onnx", "torch", "edge-toolkit"),
-        "verification": report.verification, "warnings": report.warnings,
     }
     if bundle.provenance.get("quantization"):
-        manifest["from_quantized_checkpoint"] = ("the checkpoint's dequantized weights, re-quantized by MNN's "
-                                                 "converter" if report.bits < 16 else "its dequantized weights, fp16")
-    (folder / "export.json").write_text(json.dumps(manifest, indent=2, default=str) + "\n")
+        details["from_quantized_checkpoint"] = ("the checkpoint's dequantized weights, re-quantized by MNN's "
+                                                "converter" if report.bits < 16 else "its dequantized weights, fp16")
+    quantization = None if report.bits == 16 else {
+        "method": "MNN's converter: " + " ".join(converter.converter_flags(report.bits, report.group_size, report.hqq)),
+        "bits": report.bits,
+        "group_size": report.group_size, "hqq": report.hqq}
+    manifest.write(folder / manifest.FOLDER_FILE, manifest.build(
+        format="mnn", runtime="mnn", artifact=Path(report.path).name, bundle=bundle,
+        dtype={16: "float16", 8: "int8", 4: "int4"}[report.bits], size_bytes=report.size_bytes,
+        versions=manifest.package_versions("MNN", "onnx", "torch", "edge-toolkit"),
+        verification=report.verification or None, source_hash=source_hash, quantization=quantization,
+        warnings=report.warnings, details=details))
 
 
 def export(bundle: ModelBundle, out: Path, bits: int = 4, group_size: int = 64, hqq: bool = False,
@@ -146,6 +150,7 @@ def export(bundle: ModelBundle, out: Path, bits: int = 4, group_size: int = 64, 
     out = Path(out)
     check_options(bundle, bits, group_size, hqq)
     check_destination(out, force)
+    source_hash = manifest.SourceHash(bundle.provenance)
     t0 = time.perf_counter()
     with atomic_output(out, force, directory=True) as work:
         with tempfile.TemporaryDirectory(prefix="onnx-", dir=work.parent) as tmp:
@@ -160,11 +165,11 @@ def export(bundle: ModelBundle, out: Path, bits: int = 4, group_size: int = 64, 
         size = sum(p.stat().st_size for p in (work / MODEL_FILE, work / EMBED_FILE))
         report = MnnReport(str(out), bits, group_size, hqq, size, 0.0)
         memory_mode = "normal" if bits == 16 else "low"
-        write_manifest(work, bundle, report, memory_mode)  # the runtime reads it during verification
+        write_manifest(work, bundle, report, memory_mode, source_hash)  # the runtime reads it during verification
         if verify_model:
             report.verification = verify(bundle, work, bits, group_size, hqq, threads)
         report.seconds = time.perf_counter() - t0
-        write_manifest(work, bundle, report, memory_mode)
+        write_manifest(work, bundle, report, memory_mode, source_hash)
     return report
 
 

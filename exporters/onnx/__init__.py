@@ -2,8 +2,8 @@
 model, then move the folder into place.
 
 Folder layout: model.onnx + model.onnx.data (all weights, one file), config.json (Hugging Face config),
-tokenizer.json + tokenizer_config.json, export.json (variant, opset, versions, verification) and, for the ort
-variant, genai_config.json.
+tokenizer.json + tokenizer_config.json, manifest.json (toolkit/core/manifest.py: variant, opset, versions,
+verification) and, for the ort variant, genai_config.json.
 """
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from exporters import ExporterSpec, package_versions, register
+from exporters import ExporterSpec, register
+from toolkit.core import manifest
 from toolkit.core.bundle import ModelBundle
 from toolkit.core.errors import ToolkitError, VerificationError
 from toolkit.core.outputs import atomic_output, check_destination
@@ -220,18 +221,25 @@ def folder_size(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.iterdir() if p.name.startswith(MODEL_FILE))
 
 
-def write_manifest(folder: Path, bundle: ModelBundle, report: OnnxReport, extra: dict | None = None) -> None:
-    manifest = {"format": "onnx", "variant": report.variant, "dtype": (extra or {}).get("dtype", "float32"),
-                "opset": report.opset, "ir_version": report.ir_version, "family": bundle.config.family,
-                "size_bytes": report.size_bytes, "nodes": report.nodes, "source": bundle.provenance,
-                "versions": package_versions("onnx", "onnxruntime", "onnxruntime-genai", "torch", "edge-toolkit"),
-                "verification": report.verification, "warnings": report.warnings, **(extra or {})}
+def write_manifest(folder: Path, bundle: ModelBundle, report: OnnxReport, source_hash=None) -> None:
+    details = {"variant": report.variant, "opset": report.opset, "ir_version": report.ir_version,
+               "nodes": report.nodes}
+    quantization = None
     if bundle.provenance.get("quantization"):
         imported = report.nodes.get("MatMulNBits", 0)
-        manifest["from_quantized_checkpoint"] = (
+        details["from_quantized_checkpoint"] = (
             f"GPTQ codes, scales and zero points imported into {imported} MatMulNBits nodes as they are "
             "(accuracy_level 0)" if imported else "the checkpoint's dequantized weights, in fp32")
-    (folder / "export.json").write_text(json.dumps(manifest, indent=2, default=str) + "\n")
+        if imported:
+            q = bundle.provenance["quantization"]
+            quantization = {"method": "GPTQ codes imported into MatMulNBits", "bits": q.get("bits"),
+                            "group_size": q.get("group_size"), "sym": q.get("sym")}
+    manifest.write(folder / manifest.FOLDER_FILE, manifest.build(
+        format="onnx", runtime="onnxruntime", artifact=Path(report.path).name, bundle=bundle,
+        dtype="int4" if quantization else "float32", size_bytes=report.size_bytes,
+        versions=manifest.package_versions("onnx", "onnxruntime", "onnxruntime-genai", "torch", "edge-toolkit"),
+        verification=report.verification or None, source_hash=source_hash, quantization=quantization,
+        warnings=report.warnings, details=details))
 
 
 def export(bundle: ModelBundle, out: Path, variant: str = "portable", opset: int = 20, verify_graph: bool = True,
@@ -244,6 +252,7 @@ def export(bundle: ModelBundle, out: Path, variant: str = "portable", opset: int
     check_variant(bundle, variant)
     ir = check_opset(opset)
     check_destination(out, force)
+    source_hash = manifest.SourceHash(bundle.provenance)
     with atomic_output(out, force, directory=True) as work:
         model = build(bundle, opset, variant)
         if variant == "portable":  # the ort variant's contrib ops are unknown to the onnx checker
@@ -255,7 +264,7 @@ def export(bundle: ModelBundle, out: Path, variant: str = "portable", opset: int
         report = OnnxReport(str(out), variant, opset, ir, folder_size(work), nodes)
         if verify_graph:
             report.verification = verify(bundle, work, threads)
-        write_manifest(work, bundle, report)
+        write_manifest(work, bundle, report, source_hash)
     return report
 
 

@@ -14,6 +14,7 @@ import logging
 import shutil
 from pathlib import Path
 
+from toolkit.core import manifest
 from toolkit.core.errors import ToolkitError, VerificationError
 from toolkit.core.outputs import atomic_output
 
@@ -81,8 +82,7 @@ def quantize_onnx_folder(src: Path, dest: Path, kind: str, force: bool = False, 
     from toolkit.core.verify import judge
 
     src = Path(src)
-    meta_path = src / "export.json"
-    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    meta = manifest.read(src) or {}  # a folder of another tool's has none: then nothing is known of its source
     if meta.get("dtype", "float32") != "float32":
         raise ToolkitError(f"{src} is already quantized ({meta.get('dtype')})", "quantize the fp32 export folder")
     _quiet_ort_logging()
@@ -114,9 +114,15 @@ def quantize_onnx_folder(src: Path, dest: Path, kind: str, force: bool = False, 
         settings = {"group_size": group_size, "lm_head_bits": lm_head_bits, "symmetric": True,
                     "accuracy_level": 4} if kind == "int4" else {"per_channel": True, "weight_type": "int8",
                                                                   "activations": "dynamic uint8"}
-        report = {**meta, "dtype": kind, "quantization": {"method": "onnxruntime " + (
-            "MatMulNBits RTN" if kind == "int4" else "dynamic"), **settings, **summary},
-                  "size_bytes": size, "source_size_bytes": source_size, "verification": verification,
-                  "verified_against": "the fp32 ONNX graph"}
-        (work / "export.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
-    return {**report, **summary}
+        quantization = {"method": "onnxruntime " + ("MatMulNBits RTN" if kind == "int4" else "dynamic"),
+                        **settings, **summary}
+        details = {**meta.get("details", {}), "source_size_bytes": source_size,
+                   "verified_against": "the fp32 ONNX graph"}
+        source = {"format": "onnx", "path": str(src), "sha256": None, "exported_from": meta.get("source")}
+        report = {**{k: meta.get(k) for k in manifest.KEYS}, "schema": manifest.SCHEMA, "format": "onnx",
+                  "runtime": "onnxruntime", "artifact": Path(dest).name, "dtype": kind,
+                  "quantization": quantization, "size_bytes": size, "source": source,
+                  "versions": manifest.package_versions("onnx", "onnxruntime", "torch", "edge-toolkit"),
+                  "verification": verification, "warnings": meta.get("warnings") or [], "details": details}
+        manifest.write(work / manifest.FOLDER_FILE, report)
+    return {**report, **summary, "source_size_bytes": source_size}

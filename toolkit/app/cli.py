@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -20,6 +21,7 @@ try:  # typer >= 0.20 vendors click; its exceptions live there
 except ImportError:  # pragma: no cover - older typer uses click itself
     from click import exceptions as click_exceptions
 
+from toolkit.app.loader_options import LoaderOptions, loader_options
 from toolkit.core.errors import ToolkitError
 
 app = typer.Typer(name="toolkit", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
@@ -34,23 +36,6 @@ class Flags:
     verbose = False
 
 
-# --- options shared by every command that reads a checkpoint --------------------------------------------------
-ArchOpt = Annotated[Optional[str], typer.Option("--arch", help="Override the detected architecture "
-                                                               "(llama, qwen2, qwen3, qwen3_moe, qwen2_moe, "
-                                                               "minimind2_moe, nanochat).")]
-TokenizerOpt = Annotated[Optional[Path], typer.Option("--tokenizer", help="Folder with tokenizer.json "
-                                                                          "(+ tokenizer_config.json); needed for "
-                                                                          "a .pth without one beside it. For "
-                                                                          "NanoChat also a tiktoken BPE file.")]
-ConfigOpt = Annotated[Optional[Path], typer.Option("--config", help="JSON with what the weights cannot tell "
-                                                                    "(num_attention_heads, num_experts_per_tok, "
-                                                                    "rms_norm_eps, rope_theta).")]
-HeadsOpt = Annotated[Optional[int], typer.Option("--num-heads", help="Attention heads of a MiniMind2 or legacy "
-                                                                     ".pth (released models use 8).")]
-TopkOpt = Annotated[Optional[int], typer.Option("--experts-per-tok", help="Experts per token of a MiniMind MoE "
-                                                                          ".pth (MiniMind2: 2, minimind-3: 1).")]
-StepOpt = Annotated[Optional[int], typer.Option("--step", help="Training step of a NanoChat checkpoint folder "
-                                                                "(default: the latest).")]
 ForceOpt = Annotated[bool, typer.Option(help="Replace an existing output.")]
 VerifyThreadsOpt = Annotated[int, typer.Option(help="CPU threads for verification.")]
 
@@ -58,13 +43,6 @@ VerifyThreadsOpt = Annotated[int, typer.Option(help="CPU threads for verificatio
 def _default_dest(src: Path, suffix: str) -> Path:
     """DESIGN.md's default output: named after the input (without .pth) and the variant, beside it."""
     return Path(f"{str(src).rstrip('/').removesuffix('.pth')}{suffix}")
-
-
-def _load(ckpt: Path, arch, tokenizer, config, num_heads, experts_per_tok, step=None):
-    from toolkit.checkpoints import load_checkpoint
-
-    return load_checkpoint(ckpt, arch=arch, tokenizer=tokenizer, config=config, num_heads=num_heads,
-                           experts_per_tok=experts_per_tok, step=step)
 
 
 # --- train -----------------------------------------------------------------------------------------------------
@@ -140,17 +118,17 @@ def train(
 
 # --- info ------------------------------------------------------------------------------------------------------
 @app.command()
+@loader_options
 def info(
     ckpt: Annotated[Path, typer.Argument(help="Checkpoint: Hugging Face folder, GGUF file, MiniMind .pth, NanoChat "
                                               "folder, or a trained run.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
-    arch: ArchOpt = None, tokenizer: TokenizerOpt = None, config: ConfigOpt = None, num_heads: HeadsOpt = None,
-    experts_per_tok: TopkOpt = None, step: StepOpt = None,
+    loader: LoaderOptions = LoaderOptions(),
 ):
     """Architecture, parameters, dtype, size, tokenizer and tied embeddings of a checkpoint (reads headers only)."""
     from toolkit.core import rope
 
-    bundle = _load(ckpt, arch, tokenizer, config, num_heads, experts_per_tok, step)
+    bundle = loader.load(ckpt)
     cfg, tok = bundle.config, bundle.tokenizer
     size = sum(f.stat().st_size for f in Path(ckpt).rglob("*") if f.is_file()) if Path(ckpt).is_dir() \
         else Path(ckpt).stat().st_size
@@ -191,6 +169,7 @@ def info(
 
 # --- generate --------------------------------------------------------------------------------------------------
 @app.command()
+@loader_options
 def generate(
     model: Annotated[Path, typer.Argument(help="Checkpoint or exported artifact.")],
     prompt: Annotated[str, typer.Option("--prompt", "-p", help="Text to continue (or the user turn with --chat).")],
@@ -204,8 +183,7 @@ def generate(
     runtime: Annotated[Optional[str], typer.Option(help="Runtime name (default: chosen by the artifact).")] = None,
     threads: Annotated[int, typer.Option(help="CPU threads.")] = 1,
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
-    arch: ArchOpt = None, tokenizer: TokenizerOpt = None, config: ConfigOpt = None, num_heads: HeadsOpt = None,
-    experts_per_tok: TopkOpt = None, step: StepOpt = None,
+    loader: LoaderOptions = LoaderOptions(),
 ):
     """Generate text, streamed to stdout; prefill and decode speed go to stderr."""
     import runtimes
@@ -226,8 +204,7 @@ def generate(
     sampler = make_sampler(temperature, top_k, top_p, seed)
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
     # each runtime tokenizes with what its artifact carries; the loader options reach only checkpoint loaders
-    rt = spec.load(model, threads=threads, device=device, verbose=Flags.verbose, arch=arch, tokenizer=tokenizer,
-                   config=config, num_heads=num_heads, experts_per_tok=experts_per_tok, step=step)
+    rt = spec.load(model, threads=threads, device=device, verbose=Flags.verbose, **asdict(loader))
     ids, stops = rt.chat_ids(messages) if chat else (rt.prompt_ids(prompt), [])
     if not ids:
         raise ToolkitError("the prompt is empty after tokenization", "pass a non-empty --prompt")
@@ -255,14 +232,14 @@ def _verified(v: dict) -> str:
 
 
 @app.command()
+@loader_options
 def convert(
     ckpt: Annotated[Path, typer.Argument(help="Checkpoint to convert.")],
     to: Annotated[str, typer.Option("--to", help="Target format: hf (a folder transformers loads).")] = "hf",
     out_dir: Annotated[Optional[Path], typer.Option("-o", "--out", help="Output folder. Default: <ckpt>-hf/.")] = None,
     dtype: Annotated[Optional[str], typer.Option(help="float32, float16 or bfloat16 (default: as stored).")] = None,
     force: ForceOpt = False,
-    arch: ArchOpt = None, tokenizer: TokenizerOpt = None, config: ConfigOpt = None, num_heads: HeadsOpt = None,
-    experts_per_tok: TopkOpt = None, step: StepOpt = None,
+    loader: LoaderOptions = LoaderOptions(),
 ):
     """Save any checkpoint as a Hugging Face folder (config.json, safetensors, tokenizer) for transformers."""
     import torch
@@ -277,7 +254,7 @@ def convert(
         raise ToolkitError(f"unknown dtype '{dtype}'", "use float32, float16 or bfloat16")
     dest = out_dir or Path(f"{str(ckpt).rstrip('/')}-hf")
     check_destination(dest, force)
-    bundle = _load(ckpt, arch, tokenizer, config, num_heads, experts_per_tok, step)
+    bundle = loader.load(ckpt)
     with atomic_output(dest, force, directory=True) as work:
         save_hf(bundle, work, dtypes.get(dtype) if dtype else None)
     err.print(f"{bundle.config.family} ({bundle.config.fam.hf_architecture}), "
@@ -292,6 +269,7 @@ app.add_typer(export_app, name="export")
 
 
 @export_app.command("gguf")
+@loader_options
 def export_gguf(
     ckpt: Annotated[Path, typer.Argument(help="Checkpoint to export.")],
     out_file: Annotated[Optional[Path], typer.Option("-o", "--out", help="Output FILE.gguf. Default: "
@@ -302,8 +280,7 @@ def export_gguf(
                                               "with the reference model before keeping it.")] = True,
     threads: VerifyThreadsOpt = 1,
     force: ForceOpt = False,
-    arch: ArchOpt = None, tokenizer: TokenizerOpt = None, config: ConfigOpt = None, num_heads: HeadsOpt = None,
-    experts_per_tok: TopkOpt = None, step: StepOpt = None,
+    loader: LoaderOptions = LoaderOptions(),
 ):
     """GGUF for llama.cpp and Ollama; writes FILE.gguf and FILE.manifest.json."""
     from exporters import get as get_exporter
@@ -311,7 +288,7 @@ def export_gguf(
 
     dest = out_file or _default_dest(ckpt, f"-{outtype}.gguf")
     check_destination(dest, force)
-    bundle = _load(ckpt, arch, tokenizer, config, num_heads, experts_per_tok, step)
+    bundle = loader.load(ckpt)
     report = get_exporter("gguf").export(bundle, dest, outtype, verify, force, threads, Flags.verbose)
     for line in report.fallbacks:
         err.print(f"[yellow]fallback[/yellow] {line}")
@@ -327,6 +304,7 @@ def export_gguf(
 
 
 @export_app.command("onnx")
+@loader_options
 def export_onnx(
     ckpt: Annotated[Path, typer.Argument(help="Checkpoint to export.")],
     out_dir: Annotated[Optional[Path], typer.Option("-o", "--out", help="Output folder. Default: "
@@ -342,10 +320,9 @@ def export_onnx(
                                               "model before keeping it.")] = True,
     threads: VerifyThreadsOpt = 1,
     force: ForceOpt = False,
-    arch: ArchOpt = None, tokenizer: TokenizerOpt = None, config: ConfigOpt = None, num_heads: HeadsOpt = None,
-    experts_per_tok: TopkOpt = None, step: StepOpt = None,
+    loader: LoaderOptions = LoaderOptions(),
 ):
-    """ONNX (fp32) for ONNX Runtime: model.onnx + model.onnx.data with a KV cache, tokenizer and export.json."""
+    """ONNX (fp32) for ONNX Runtime: model.onnx + model.onnx.data with a KV cache, tokenizer and manifest.json."""
     from exporters import get as get_exporter
     from exporters.onnx import check_opset, check_variant
     from toolkit.core.outputs import check_destination
@@ -353,7 +330,7 @@ def export_onnx(
     dest = out_dir or _default_dest(ckpt, f"-onnx-{variant}")
     check_destination(dest, force)
     check_opset(opset)
-    bundle = _load(ckpt, arch, tokenizer, config, num_heads, experts_per_tok, step)
+    bundle = loader.load(ckpt)
     check_variant(bundle, variant)
     report = get_exporter("onnx").export(bundle, dest, variant, opset, verify, force, threads)
     v = report.verification
@@ -366,6 +343,7 @@ def export_onnx(
 
 
 @export_app.command("mnn")
+@loader_options
 def export_mnn(
     ckpt: Annotated[Path, typer.Argument(help="Checkpoint to export.")],
     out_dir: Annotated[Optional[Path], typer.Option("-o", "--out", help="Output folder. Default: "
@@ -380,11 +358,10 @@ def export_mnn(
                                               "verifier's bar for the bit width before keeping it.")] = True,
     threads: VerifyThreadsOpt = 1,
     force: ForceOpt = False,
-    arch: ArchOpt = None, tokenizer: TokenizerOpt = None, config: ConfigOpt = None, num_heads: HeadsOpt = None,
-    experts_per_tok: TopkOpt = None, step: StepOpt = None,
+    loader: LoaderOptions = LoaderOptions(),
 ):
     """MNN for Alibaba's mobile engine: model.mnn (graph with a fixed-capacity KV cache, opset-17 ONNX converted by
-    the MNN wheel), a 16-bit embedding file, tokenizer and export.json. Never calls MNN's telemetry."""
+    the MNN wheel), a 16-bit embedding file, tokenizer and manifest.json. Never calls MNN's telemetry."""
     from exporters import get as get_exporter
     from exporters.mnn import check_options
     from toolkit.core.outputs import check_destination
@@ -392,7 +369,7 @@ def export_mnn(
     check_options(None, bits, group_size, hqq)
     dest = out_dir or _default_dest(ckpt, f"-mnn-{bits}bit")
     check_destination(dest, force)
-    bundle = _load(ckpt, arch, tokenizer, config, num_heads, experts_per_tok, step)
+    bundle = loader.load(ckpt)
     report = get_exporter("mnn").export(bundle, dest, bits, group_size, hqq, verify, force, threads)
     v = report.verification
     checked = (f"verified in MNN over prefill + {v['decode_steps']} cached steps ({_verified(v)})"
@@ -414,8 +391,7 @@ FormatOpt = Annotated[str, typer.Option("--format", help="hf: a quantized checkp
                                                           "export folder, else hf.")]
 
 
-def _onnx_source(src: Path, variant: str, opset: int, work: Path, arch, tokenizer, config, num_heads,
-                 experts_per_tok, step, threads: int):
+def _onnx_source(src: Path, variant: str, opset: int, work: Path, loader: LoaderOptions, threads: int):
     """The folder with model.onnx: an export folder as it is, or a checkpoint exported first into `work`."""
     from runtimes.onnxruntime import MODEL_FILE
 
@@ -425,7 +401,7 @@ def _onnx_source(src: Path, variant: str, opset: int, work: Path, arch, tokenize
     from exporters.onnx import export as export_onnx_folder
 
     check_opset(opset)
-    bundle = _load(src, arch, tokenizer, config, num_heads, experts_per_tok, step)
+    bundle = loader.load(src)
     check_variant(bundle, variant)
     folder = work / "fp32"
     err.print(f"exporting {src} to ONNX ({variant}, opset {opset}) first")
@@ -434,7 +410,7 @@ def _onnx_source(src: Path, variant: str, opset: int, work: Path, arch, tokenize
 
 
 def _quantize_onnx(kind: str, src: Path, dest: Path | None, force: bool, variant: str, opset: int, threads: int,
-                   loader_args: tuple, **options) -> None:
+                   loader: LoaderOptions, **options) -> None:
     import tempfile
     import time
 
@@ -445,7 +421,7 @@ def _quantize_onnx(kind: str, src: Path, dest: Path | None, force: bool, variant
     check_destination(dest, force)
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="toolkit-quant-", dir=dest.parent if dest.parent.exists() else None) as tmp:
-        folder = _onnx_source(src, variant, opset, Path(tmp), *loader_args, threads)
+        folder = _onnx_source(src, variant, opset, Path(tmp), loader, threads)
         report = quantize_onnx_folder(folder, dest, kind, force=force, threads=threads, **options)
     v = report["verification"]
     err.print(f"{kind} ONNX: {report['size_bytes'] / 1e6:.1f} MB (fp32 {report['source_size_bytes'] / 1e6:.1f} MB), "
@@ -456,6 +432,7 @@ def _quantize_onnx(kind: str, src: Path, dest: Path | None, force: bool, variant
 
 
 @quantize_app.command("int8")
+@loader_options
 def quantize_int8(
     src: Annotated[Path, typer.Argument(help="A checkpoint, or an ONNX export folder (--format onnx).")],
     out_dir: Annotated[Optional[Path], typer.Option("-o", "--out", help="Output folder.")] = None,
@@ -464,20 +441,19 @@ def quantize_int8(
     opset: SourceOpsetOpt = 20,
     threads: VerifyThreadsOpt = 1,
     force: ForceOpt = False,
-    arch: ArchOpt = None, tokenizer: TokenizerOpt = None, config: ConfigOpt = None, num_heads: HeadsOpt = None,
-    experts_per_tok: TopkOpt = None, step: StepOpt = None,
+    loader: LoaderOptions = LoaderOptions(),
 ):
     """INT8. hf: weight-only, symmetric per output channel (int8 weights + fp32 scales, quant_method toolkit_int8)
     for every linear layer of the decoder blocks. onnx: ONNX Runtime dynamic quantization (int8 weights per output
     channel, activations quantized per call), every MatMul including the lm_head."""
-    loader_args = (arch, tokenizer, config, num_heads, experts_per_tok, step)
     if _format(fmt, src) == "onnx":
-        _quantize_onnx("int8", src, out_dir, force, variant, opset, threads, loader_args)
+        _quantize_onnx("int8", src, out_dir, force, variant, opset, threads, loader)
     else:
-        _quantize_checkpoint("int8", src, out_dir, force, loader_args, None, "cpu")
+        _quantize_checkpoint("int8", src, out_dir, force, loader, None, "cpu")
 
 
 @quantize_app.command("int4")
+@loader_options
 def quantize_int4(
     src: Annotated[Path, typer.Argument(help="A checkpoint, or an ONNX export folder (--format onnx).")],
     out_dir: Annotated[Optional[Path], typer.Option("-o", "--out", help="Output folder.")] = None,
@@ -507,14 +483,12 @@ def quantize_int4(
     opset: SourceOpsetOpt = 20,
     threads: VerifyThreadsOpt = 1,
     force: ForceOpt = False,
-    arch: ArchOpt = None, tokenizer: TokenizerOpt = None, config: ConfigOpt = None, num_heads: HeadsOpt = None,
-    experts_per_tok: TopkOpt = None, step: StepOpt = None,
+    loader: LoaderOptions = LoaderOptions(),
 ):
     """INT4. hf: GPTQ or RTN of every linear layer of the decoder blocks, saved as GPTQ-v1 tensors (qweight,
     qzeros, scales, g_idx; quant_method gptq). onnx: MatMulNBits (symmetric, blockwise round-to-nearest,
     accuracy_level=4: int8 activations in the dot products), lm_head at --lm-head-bits; a GPTQ checkpoint's
     weights go into MatMulNBits as they are."""
-    loader_args = (arch, tokenizer, config, num_heads, experts_per_tok, step)
     if _format(fmt, src) == "onnx":
         group_size = group_size or 32
         if group_size not in (16, 32, 64, 128, 256):
@@ -522,7 +496,7 @@ def quantize_int4(
                                "choose 16, 32, 64, 128 or 256")
         if lm_head_bits not in (4, 8):
             raise ToolkitError(f"--lm-head-bits {lm_head_bits} is not supported", "choose 4 or 8")
-        _quantize_onnx("int4", src, out_dir, force, variant, opset, threads, loader_args, group_size=group_size,
+        _quantize_onnx("int4", src, out_dir, force, variant, opset, threads, loader, group_size=group_size,
                        lm_head_bits=lm_head_bits)
         return
     from quant.checkpoint import Int4Options
@@ -536,7 +510,7 @@ def quantize_int4(
         raise ToolkitError(f"--embed-bits {embed_bits} is not supported", "use 16 (as stored) or 8")
     opts = Int4Options(method=method, group_size=group_size or 128, sym=sym, act_order=act_order, damp=damp,
                        nsamples=nsamples, seqlen=seqlen, calib=calib, embed_bits=embed_bits)
-    _quantize_checkpoint("int4", src, out_dir, force, loader_args, opts, device)
+    _quantize_checkpoint("int4", src, out_dir, force, loader, opts, device)
 
 
 def _format(fmt: str, src: Path) -> str:
@@ -549,18 +523,19 @@ def _format(fmt: str, src: Path) -> str:
     return fmt
 
 
-def _quantize_checkpoint(kind: str, src: Path, dest: Path | None, force: bool, loader_args: tuple, opts,
+def _quantize_checkpoint(kind: str, src: Path, dest: Path | None, force: bool, loader: LoaderOptions, opts,
                          device: str) -> None:
     import shutil
 
     from quant.checkpoint import check_group_size, quantize_checkpoint, refuse_quantized
     from toolkit.app.progress import count_progress
+    from toolkit.core.manifest import SourceHash
     from toolkit.core.outputs import atomic_output, check_destination
 
     suffix = "-int8" if kind == "int8" else f"-{opts.method}4-g{opts.group_size}"
     dest = dest or _default_dest(src, suffix)
     check_destination(dest, force)
-    bundle = _load(src, *loader_args)
+    bundle = loader.load(src)
     refuse_quantized(bundle)
     if opts is not None:
         check_group_size(bundle, opts.group_size)
@@ -573,13 +548,14 @@ def _quantize_checkpoint(kind: str, src: Path, dest: Path | None, force: bool, l
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
     what = "layers" if opts is not None and opts.method == "gptq" else "linear layers"
+    source_hash = SourceHash(bundle.provenance)
     with atomic_output(dest, force, directory=True) as work:
         with count_progress(err, f"{kind} {what}") as progress:
             try:
                 report = quantize_checkpoint(bundle, work, kind, opts, device, progress)
             except FloatingPointError as e:
                 raise ToolkitError(f"quantization failed: {e}", "raise --damp or give more calibration text")
-        from quant.checkpoint import verify_checkpoint
+        from quant.checkpoint import verify_checkpoint, write_checkpoint_manifest
 
         report["verification"] = verify_checkpoint(bundle, work, kind)
         base = Path(bundle.provenance.get("path", src))
@@ -587,7 +563,7 @@ def _quantize_checkpoint(kind: str, src: Path, dest: Path | None, force: bool, l
             file = (base if base.is_dir() else base.parent) / side
             if file.is_file():
                 shutil.copy2(file, work / side)
-        (work / "quantization.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+        write_checkpoint_manifest(bundle, work, dest.name, kind, report, source_hash)
     size = sum(f.stat().st_size for f in dest.glob("*.safetensors"))
     extra = ""
     if "calibration" in report:
@@ -602,6 +578,7 @@ def _quantize_checkpoint(kind: str, src: Path, dest: Path | None, force: bool, l
 
 # --- eval-parity -----------------------------------------------------------------------------------------------
 @app.command("eval-parity")
+@loader_options
 def eval_parity(
     ckpt: Annotated[Path, typer.Argument(help="The checkpoint the artifacts came from (the baseline).")],
     artifacts: Annotated[Optional[list[Path]], typer.Argument(help="Exported or quantized artifacts: .gguf files, "
@@ -624,8 +601,7 @@ def eval_parity(
                                                                 "bnb-nf4 (NF4, double quantization); comma-separated."
                                                     )] = None,
     force: Annotated[bool, typer.Option(help="Replace an existing report folder.")] = False,
-    arch: ArchOpt = None, tokenizer: TokenizerOpt = None, config: ConfigOpt = None, num_heads: HeadsOpt = None,
-    experts_per_tok: TopkOpt = None, step: StepOpt = None,
+    loader: LoaderOptions = LoaderOptions(),
 ):
     """Put the baseline and every artifact on the same text: PPL, bits per byte, KLD, same-top-token, RMS Δp,
     prefill/decode speed, size, peak memory. Each artifact runs in a fresh process; a row that fails is reported and
@@ -651,8 +627,7 @@ def eval_parity(
         with_runtimes.append(WITH_RUNTIMES[name])
     dest = out_dir or _default_dest(ckpt, "-parity")
     check_destination(dest, force)
-    overrides = {k: v for k, v in dict(arch=arch, tokenizer=tokenizer, config=config, num_heads=num_heads,
-                                       experts_per_tok=experts_per_tok, step=step).items() if v is not None}
+    overrides = loader.overrides()
     opts = ParityOptions(ckpt=ckpt, artifacts=list(artifacts or []), text=text, ctx=ctx, device=device,
                          threads=threads, repeats=repeats, max_kld=max_kld, max_ppl_delta=max_ppl_delta,
                          overrides=overrides, with_runtimes=with_runtimes)

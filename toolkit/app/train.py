@@ -11,6 +11,7 @@ train_state.pt (for --resume), train_log.jsonl, training.json.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -166,11 +167,40 @@ class Distributed:
         dist.broadcast_object_list(box, src=0)
         return box[0]
 
+    def gather(self, obj: Any) -> list[Any]:
+        """Every rank's obj, in rank order (on every rank)."""
+        if self.world == 1:
+            return [obj]
+        import torch.distributed as dist
+
+        out: list[Any] = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
+
+    def mean(self, value: float) -> float:
+        if self.world == 1:
+            return value
+        import torch.distributed as dist
+
+        t = torch.tensor([value], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return float(t.item()) / self.world
+
     def close(self) -> None:
         if self.world > 1:
             import torch.distributed as dist
 
             dist.destroy_process_group()
+
+
+def weights_sha256(state: dict[str, torch.Tensor]) -> str:
+    """A digest of a model's weights: each tensor's name and its bytes (as stored, contiguous, on the CPU), in name
+    order."""
+    h = hashlib.sha256()
+    for name in sorted(state):
+        h.update(name.encode())
+        h.update(state[name].detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def pick_device(name: str) -> torch.device:
@@ -351,10 +381,14 @@ def train(opts: TrainOptions, progress: ProgressFn | None = None) -> dict[str, A
                 lr = lr_at(step, opts)
                 for group in optim.param_groups:
                     group["lr"] = lr
-                rng = np.random.default_rng([opts.seed, step, dist.rank])
+                # one global batch per step whatever the world size: rank r's micro-batch m is row m * world + r,
+                # so N ranks train on what one process with N times the accumulation would (tests compare them)
+                rng = np.random.default_rng([opts.seed, step, 0])
+                rows = rng.integers(0, len(train_ids) - opts.seq_len - 1,
+                                    size=(opts.grad_accum * dist.world, opts.batch_size))
                 loss_sum = 0.0
                 for micro in range(opts.grad_accum):
-                    starts = rng.integers(0, len(train_ids) - opts.seq_len - 1, size=opts.batch_size)
+                    starts = rows[micro * dist.world + dist.rank]
                     window = np.stack([train_ids[s:s + opts.seq_len + 1] for s in starts])
                     batch = torch.from_numpy(window).to(device)
                     sync = micro == opts.grad_accum - 1 or dist.world == 1
@@ -370,6 +404,7 @@ def train(opts: TrainOptions, progress: ProgressFn | None = None) -> dict[str, A
                 scaler.update()
                 optim.zero_grad(set_to_none=True)
                 tokens_done += tokens_per_step
+                loss_sum = dist.mean(loss_sum)  # the global batch's loss, as one process would log it
                 record: dict[str, Any] = {"step": step + 1, "loss": loss_sum, "lr": lr, "grad_norm": grad_norm,
                                           "tok_per_s": tokens_done / (time.perf_counter() - t0)}
                 last = step + 1 == opts.steps
@@ -386,6 +421,11 @@ def train(opts: TrainOptions, progress: ProgressFn | None = None) -> dict[str, A
                 if progress and dist.main:
                     progress(record)
                 dist.barrier() if (step + 1) % opts.eval_every == 0 else None
+            # DDP keeps the ranks' weights equal; the run proves it, and refuses to save if they drifted apart
+            rank_digests = dist.gather(weights_sha256(model.state_dict()))
+            if len(set(rank_digests)) > 1:
+                raise ToolkitError(f"the {dist.world} ranks ended with different weights ({rank_digests})",
+                                   "report it with the command line: nothing was saved")
             if dist.main:
                 if best_weights is None:  # resumed at the end: nothing evaluated in this run
                     best_weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
@@ -400,7 +440,8 @@ def train(opts: TrainOptions, progress: ProgressFn | None = None) -> dict[str, A
                 first_ppl = next((r["heldout_ppl"] for r in log if "heldout_ppl" in r), None)
                 summary = {"best_heldout_ppl": best_ppl, "best_step": best_step, "first_heldout_ppl": first_ppl,
                            "steps": opts.steps, "parameters": cfg.num_parameters(), "train_tokens": int(len(train_ids)),
-                           "heldout_tokens": len(held_ids), "world_size": dist.world, "device": str(device),
+                           "heldout_tokens": len(held_ids), "world_size": dist.world,
+                           "rank_weights_sha256": rank_digests, "device": str(device),
                            "seconds": time.perf_counter() - t0, "options": asdict(opts)}
                 (work / "training.json").write_text(json.dumps(summary, indent=2) + "\n")
                 os.replace(state_file, work / "train_state.pt")

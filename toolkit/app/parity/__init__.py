@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from toolkit.core import manifest
 from toolkit.core.errors import ToolkitError
 
 SCHEMA = 1
@@ -55,22 +56,8 @@ def read_text(path: Path) -> str:
     return text
 
 
-def _sha256_files(paths: list[Path]) -> str:
-    h = hashlib.sha256()
-    for p in sorted(paths):
-        h.update(p.name.encode())
-        with open(p, "rb") as f:
-            for block in iter(lambda: f.read(1 << 22), b""):
-                h.update(block)
-    return h.hexdigest()
-
-
 def checkpoint_hash(ckpt: Path) -> str:
-    if ckpt.is_file():
-        return _sha256_files([ckpt])
-    files = [p for p in ckpt.iterdir() if p.suffix in (".safetensors", ".bin", ".pth", ".json")
-             and p.name not in ("training.json", "export.json")]
-    return _sha256_files(files)
+    return manifest.source_sha256(ckpt)
 
 
 def cache_root(explicit: Path | None) -> Path:
@@ -125,14 +112,15 @@ def bnb_weight_bytes(bundle, runtime: str) -> int:
 
 
 def artifact_format(artifact: Path, runtime: str | None) -> str:
+    """How the report names an artifact's format: from its manifest where it has one."""
     if runtime == "llama_cpp":
         return "gguf"
-    meta = artifact / "export.json"
-    info = json.loads(meta.read_text()) if meta.is_file() else {}
+    info = manifest.read(artifact) if artifact.exists() and runtime in ("onnxruntime", "mnn") else None
+    info = info or {}
     if runtime == "onnxruntime":
-        return f"onnx {info.get('variant', '')} {info.get('dtype', '')}".strip()
+        return f"onnx {info.get('details', {}).get('variant', '')} {info.get('dtype', '')}".strip()
     if runtime == "mnn":
-        return f"mnn {info.get('bits', '?')}-bit"
+        return f"mnn {(info.get('quantization') or {}).get('bits', 16) if info else '?'}-bit"
     return "checkpoint" if runtime == "torch" else "unknown"
 
 
