@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from runtimes.torch_runtime import TorchRuntime  # noqa: E402
+from runtimes.torch_runtime.runtime import TorchRuntime  # noqa: E402
 from runtimes.torch_runtime.static_decode import GraphDecoder, capacity_for  # noqa: E402
 from toolkit.checkpoints import load_checkpoint  # noqa: E402
 from toolkit.core.sampling import make_sampler  # noqa: E402

@@ -1,7 +1,7 @@
 """Runtimes: one module per engine, registered by name. The harness, `toolkit generate` and the exporters'
 self-checks see engines only through this interface:
 
-    runtime = runtimes.open(artifact, threads=1, device="cpu")     # or RUNTIMES[name].load(...)
+    runtime = runtimes.open(artifact, threads=1, device="cpu")     # or registry()[name].load(...)
     runtime.logits(token_ids) -> float32 array [len(token_ids), vocab]   (one fresh sequence)
     runtime.generate(token_ids, n, sampler, stop_ids) -> Generation (ids + timings)
     runtime.prompt_ids(text), runtime.chat_ids(messages) -> (ids, stop ids), runtime.detokenize(ids)   (Text)
@@ -98,51 +98,48 @@ class TokenizerText:
 
 @dataclass(frozen=True)
 class RuntimeSpec:
+    """What the registry knows of a runtime without importing its engine. Each runtime module (or package) of
+    runtimes/ declares its own in a module-level SPECS tuple; adding a runtime is adding that module."""
     name: str
     description: str
     module: str  # imported on first use: a process that runs one engine does not pay for the others (RSS, time)
     engine: str | None = None  # the package the engine needs; absent -> the runtime is not offered
     handles: Callable[[Any], bool] = field(default=lambda artifact: False)  # can it open this artifact path?
     options: dict = field(default_factory=dict)  # fixed arguments of the module's load() (e.g. a mode)
+    describe: Callable[[Any], str] = field(default=lambda artifact: "unknown")  # the format, as reports name it
+    on_cuda: Callable[[], bool] = field(default=lambda: False)  # does it run on CUDA where CUDA is?
 
     def load(self, *args, **kwargs) -> Runtime:
+        """The module's load(artifact, threads=, device=, ctx=, verbose=, ...): ctx is the longest sequence the
+        caller will run (engines with a fixed context size it; others ignore it)."""
         return importlib.import_module(self.module).load(*args, **{**self.options, **kwargs})
 
 
-def _is_checkpoint(artifact) -> bool:
-    from toolkit.checkpoints import loaders
-
-    return any(loader.detect(Path(artifact)) for loader in loaders().values())
+_REGISTRY: dict[str, RuntimeSpec] | None = None
 
 
-def _is_onnx(artifact) -> bool:
-    p = Path(artifact)
-    return p.suffix == ".onnx" or (p.is_dir() and (p / "model.onnx").is_file())
+def registry() -> dict[str, RuntimeSpec]:
+    """Every runtime whose engine is installed, found by reading SPECS from each module of this package (light
+    modules: the engines are imported by load() only)."""
+    global _REGISTRY
+    if _REGISTRY is None:
+        import pkgutil
+
+        found: dict[str, RuntimeSpec] = {}
+        for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
+            for spec in getattr(importlib.import_module(f"{__name__}.{info.name}"), "SPECS", ()):
+                if spec.name in found:
+                    raise RuntimeError(f"two runtimes are named {spec.name!r}")
+                if spec.engine is None or importlib.util.find_spec(spec.engine) is not None:
+                    found[spec.name] = spec
+        _REGISTRY = found
+    return _REGISTRY
 
 
-def _is_mnn(artifact) -> bool:
-    p = Path(artifact)
-    return p.suffix == ".mnn" or (p.is_dir() and (p / "model.mnn").is_file())
-
-
-RUNTIMES: dict[str, RuntimeSpec] = {
-    spec.name: spec
-    for spec in (
-        RuntimeSpec("torch", "reference PyTorch model (checkpoints)", "runtimes.torch_runtime", "torch",
-                    _is_checkpoint),
-        RuntimeSpec("llama_cpp", "llama.cpp via llama-cpp-python (GGUF files)", "runtimes.llama_cpp", "llama_cpp",
-                    lambda artifact: str(artifact).endswith(".gguf")),
-        RuntimeSpec("onnxruntime", "ONNX Runtime (toolkit export onnx folders)", "runtimes.onnxruntime",
-                    "onnxruntime", _is_onnx),
-        RuntimeSpec("mnn", "MNN (toolkit export mnn folders)", "runtimes.mnn", "MNN", _is_mnn),
-        # checkpoints quantized in memory by bitsandbytes: chosen by name (eval-parity --with), never by path
-        RuntimeSpec("bnb_int8", "bitsandbytes LLM.int8 (Linear8bitLt, threshold 6.0) of a checkpoint",
-                    "runtimes.bnb", "bitsandbytes", options={"mode": "int8"}),
-        RuntimeSpec("bnb_nf4", "bitsandbytes NF4 with double quantization (Linear4bit) of a checkpoint",
-                    "runtimes.bnb", "bitsandbytes", options={"mode": "nf4"}),
-    )
-    if spec.engine is None or importlib.util.find_spec(spec.engine) is not None
-}
+def __getattr__(name: str):
+    if name == "RUNTIMES":  # `from runtimes import RUNTIMES`: the registry, built on first use
+        return registry()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def handling(artifact) -> str | None:
@@ -152,9 +149,10 @@ def handling(artifact) -> str | None:
     from toolkit.core import manifest
 
     named = (manifest.read(artifact) or {}).get("runtime") if Path(artifact).exists() else None
-    if named in RUNTIMES:
+    if named in registry():
         return named
-    for spec in sorted(RUNTIMES.values(), key=lambda spec: spec.name == "torch"):
+    runtimes = registry()
+    for spec in sorted(runtimes.values(), key=lambda spec: spec.name == "torch"):
         if spec.handles(artifact):
             return spec.name
     return None
@@ -165,14 +163,15 @@ def choose(artifact, name: str | None = None) -> RuntimeSpec:
     loaders then say what is wrong with an unknown path)."""
     from toolkit.core.errors import ToolkitError
 
+    runtimes = registry()
     if name is None:
-        return RUNTIMES[handling(artifact) or "torch"]
-    if name not in RUNTIMES:
-        raise ToolkitError(f"unknown runtime '{name}'", f"available: {', '.join(RUNTIMES)}")
-    if not RUNTIMES[name].handles(artifact):
+        return runtimes[handling(artifact) or "torch"]
+    if name not in runtimes:
+        raise ToolkitError(f"unknown runtime '{name}'", f"available: {', '.join(runtimes)}")
+    if not runtimes[name].handles(artifact):
         raise ToolkitError(f"runtime '{name}' cannot open {artifact}",
                            "export the checkpoint for that runtime first (toolkit export ...)")
-    return RUNTIMES[name]
+    return runtimes[name]
 
 
 def open(artifact, runtime: str | None = None, **kwargs) -> Runtime:  # noqa: A001  (runtimes.open, like io.open)

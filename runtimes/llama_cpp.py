@@ -9,7 +9,7 @@ from typing import Callable
 
 import numpy as np
 
-from runtimes import Generation, decode_loop
+from runtimes import Generation, RuntimeSpec, decode_loop
 from toolkit.core.errors import ToolkitError
 from toolkit.core.fd_redirect import redirected
 
@@ -113,7 +113,13 @@ class LlamaCppRuntime:
         return Generation(out, t1 - t0, time.perf_counter() - t1, len(token_ids), stopped)
 
 
-def load(artifact, threads: int | None = 1, device: str = "cpu", ctx: int = 2048, verbose: bool = False, **_):
+def load(artifact, threads: int | None = 1, device: str = "cpu", ctx: int | None = 2048, verbose: bool = False,
+         **_):
     if not Path(artifact).is_file():
         raise ToolkitError(f"{artifact} does not exist", "check the path")
-    return LlamaCppRuntime(artifact, threads or 1, ctx, verbose=verbose)
+    return LlamaCppRuntime(artifact, threads or 1, ctx or 2048, verbose=verbose)
+
+
+# llama-cpp-python is built for the CPU here: GGUF rows run there whatever the baseline's device
+SPECS = (RuntimeSpec("llama_cpp", "llama.cpp via llama-cpp-python (GGUF files)", "runtimes.llama_cpp", "llama_cpp",
+                     lambda artifact: str(artifact).endswith(".gguf"), describe=lambda artifact: "gguf"),)

@@ -16,7 +16,7 @@ from typing import Callable
 
 import numpy as np
 
-from runtimes import Generation, TokenizerText, decode_loop
+from runtimes import Generation, RuntimeSpec, TokenizerText, decode_loop
 from toolkit.core import manifest
 from toolkit.core.errors import ToolkitError
 from toolkit.core.fd_redirect import redirected
@@ -131,3 +131,16 @@ class MnnRuntime(TokenizerText):
 
 def load(artifact, threads: int | None = None, device: str = "cpu", memory_mode: str | None = None, **_):
     return MnnRuntime(artifact, threads=threads or 1, memory_mode=memory_mode)
+
+
+def _is_mnn(artifact) -> bool:
+    p = Path(artifact)
+    return p.suffix == ".mnn" or (p.is_dir() and (p / "model.mnn").is_file())
+
+
+def _describe(artifact) -> str:
+    info = manifest.read(artifact)
+    return f"mnn {(info.get('quantization') or {}).get('bits', 16) if info else '?'}-bit"
+
+
+SPECS = (RuntimeSpec("mnn", "MNN (toolkit export mnn folders)", "runtimes.mnn", "MNN", _is_mnn, describe=_describe),)

@@ -16,7 +16,7 @@ from typing import Callable
 
 import numpy as np
 
-from runtimes import Generation, TokenizerText, decode_loop
+from runtimes import Generation, RuntimeSpec, TokenizerText, decode_loop
 from toolkit.core import manifest
 from toolkit.core.errors import ToolkitError
 
@@ -177,3 +177,23 @@ def _has_op(path: Path, op_type: str) -> bool:
 
 def load(artifact, threads: int | None = None, device: str = "cpu", **_):
     return OnnxRuntime(artifact, threads or 1, device)
+
+
+def _is_onnx(artifact) -> bool:
+    p = Path(artifact)
+    return p.suffix == ".onnx" or (p.is_dir() and (p / MODEL_FILE).is_file())
+
+
+def _describe(artifact) -> str:
+    info = manifest.read(artifact) or {}
+    return f"onnx {info.get('details', {}).get('variant', '')} {info.get('dtype', '')}".strip()
+
+
+def _on_cuda() -> bool:
+    import onnxruntime
+
+    return "CUDAExecutionProvider" in onnxruntime.get_available_providers()
+
+
+SPECS = (RuntimeSpec("onnxruntime", "ONNX Runtime (toolkit export onnx folders)", "runtimes.onnxruntime",
+                     "onnxruntime", _is_onnx, describe=_describe, on_cuda=_on_cuda),)

@@ -9,7 +9,7 @@ import pytest
 
 import runtimes
 from runtimes import RUNTIMES, Runtime
-from tests.conftest import assert_usage_error, run_cli
+from tests.conftest import ROOT, assert_usage_error, run_cli
 
 CLASSES = {"torch": "TorchRuntime", "llama_cpp": "LlamaCppRuntime", "onnxruntime": "OnnxRuntime", "mnn": "MnnRuntime",
            "bnb_int8": "BnbRuntime", "bnb_nf4": "BnbRuntime"}
@@ -58,3 +58,70 @@ def test_choose_refuses_a_runtime_that_cannot_open_the_artifact(trained_model):
 
 def test_generate_on_a_missing_gguf_says_so(tmp_path):
     assert "does not exist" in assert_usage_error(run_cli("generate", tmp_path / "gone.gguf", "-p", "x"))
+
+
+# A whole runtime, as a user or a later issue adds one: this module and nothing else (no registry line, no CLI or
+# harness change). It "runs" a text file of digits: the next token is the last one plus one.
+COUNTING_RUNTIME = """
+from pathlib import Path
+
+import numpy as np
+
+from runtimes import Generation, RuntimeSpec, decode_loop
+
+VOCAB = 10
+
+
+class CountingRuntime:
+    name = "counting"
+    label = "counting (test runtime)"
+
+    def __init__(self, path):
+        self.path = Path(path)
+
+    def logits(self, token_ids):
+        return np.stack([np.eye(VOCAB, dtype=np.float32)[(t + 1) % VOCAB] for t in token_ids])
+
+    def generate(self, token_ids, max_new_tokens, sampler, stop_ids=(), on_token=None):
+        step = lambda token: self.logits([token])[0]
+        out, stopped = decode_loop(sampler(step(token_ids[-1])), step, sampler, max_new_tokens, stop_ids, on_token)
+        return Generation(out, 0.0, 0.0, len(token_ids), stopped)
+
+    def prompt_ids(self, text):
+        return [int(c) for c in text if c.isdigit()]
+
+    def chat_ids(self, messages):
+        return self.prompt_ids(messages[-1]["content"]), []
+
+    def detokenize(self, ids):
+        return "".join(map(str, ids))
+
+
+def load(artifact, threads=None, device="cpu", ctx=None, verbose=False, **_):
+    return CountingRuntime(artifact)
+
+
+SPECS = (RuntimeSpec("counting", "counts (a test runtime)", "runtimes.counting", None,
+                     lambda artifact: str(artifact).endswith(".count"), describe=lambda artifact: "count"),)
+"""
+
+
+def test_a_new_runtime_is_one_module(tmp_path):
+    """Copy the product, add runtimes/counting.py, and `generate` and the registry use it unchanged."""
+    import shutil
+
+    for pkg in ("toolkit", "exporters", "quant", "runtimes"):
+        shutil.copytree(ROOT / pkg, tmp_path / pkg, ignore=shutil.ignore_patterns("__pycache__"))
+    (tmp_path / "runtimes" / "counting.py").write_text(COUNTING_RUNTIME)
+    artifact = tmp_path / "model.count"
+    artifact.write_text("")
+    env = {"PYTHONPATH": str(tmp_path)}
+    proc = run_cli("generate", artifact, "--prompt", "3", "-n", "4", env=env,
+                   cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "34567", proc.stdout  # the prompt, then four counted tokens
+    proc = run_cli("generate", artifact, "--prompt", "3", "-n", "2", "--runtime", "counting", env=env,
+                   cwd=tmp_path)
+    assert proc.returncode == 0 and proc.stdout.strip() == "345", proc.stderr[-2000:]
+    # and the product itself does not have it
+    assert "counting" not in RUNTIMES

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from runtimes.torch_runtime import TorchRuntime
+from runtimes.torch_runtime.runtime import TorchRuntime
 from runtimes.torch_runtime.static_decode import GraphDecoder, StaticStep, capacity_for, supports
 from tests.helpers import random_bundle
 from toolkit.core.model import KVCache, build_model

@@ -112,16 +112,10 @@ def bnb_weight_bytes(bundle, runtime: str) -> int:
 
 
 def artifact_format(artifact: Path, runtime: str | None) -> str:
-    """How the report names an artifact's format: from its manifest where it has one."""
-    if runtime == "llama_cpp":
-        return "gguf"
-    info = manifest.read(artifact) if artifact.exists() and runtime in ("onnxruntime", "mnn") else None
-    info = info or {}
-    if runtime == "onnxruntime":
-        return f"onnx {info.get('details', {}).get('variant', '')} {info.get('dtype', '')}".strip()
-    if runtime == "mnn":
-        return f"mnn {(info.get('quantization') or {}).get('bits', 16) if info else '?'}-bit"
-    return "checkpoint" if runtime == "torch" else "unknown"
+    """How the report names an artifact's format: as its runtime describes it."""
+    from runtimes import registry
+
+    return registry()[runtime].describe(artifact) if runtime in registry() else "unknown"
 
 
 def compute_baseline(bundle, chunks: np.ndarray, device: str, dtype: str, progress=None):

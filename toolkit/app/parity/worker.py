@@ -26,17 +26,6 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def _runs_on_cuda(runtime: str) -> bool:
-    """Artifacts run on the baseline's device where their runtime can; otherwise on the CPU (the row says which)."""
-    if runtime in ("torch", "bnb_int8", "bnb_nf4"):  # bitsandbytes runs on CPU and CUDA alike
-        return True
-    if runtime == "onnxruntime":
-        import onnxruntime
-
-        return "CUDAExecutionProvider" in onnxruntime.get_available_providers()
-    return False  # llama-cpp-python is built for the CPU here
-
-
 def run(spec: dict) -> dict:
     from runtimes import RUNTIMES
     from toolkit.app.parity.metrics import BaselineRecord, Comparison, compare_rows, summarize
@@ -47,10 +36,12 @@ def run(spec: dict) -> dict:
     ctx = chunks.shape[1]
     base = BaselineRecord.load(spec["baseline"])
     prompt = [int(t) for t in chunks.reshape(-1)[:spec["bench_prompt"]]]
-    kwargs = {"ctx": max(ctx, len(prompt) + spec["bench_new"] + 8)} if spec["runtime"] == "llama_cpp" else {}
-    device = spec["device"] if _runs_on_cuda(spec["runtime"]) else "cpu"
+    runtime = RUNTIMES[spec["runtime"]]
+    # artifacts run on the baseline's device where their runtime can; otherwise on the CPU (the row says which)
+    device = spec["device"] if spec["device"] == "cpu" or runtime.on_cuda() else "cpu"
     t0 = time.perf_counter()
-    rt = RUNTIMES[spec["runtime"]].load(spec["artifact"], threads=spec["threads"], device=device, **kwargs)
+    rt = runtime.load(spec["artifact"], threads=spec["threads"], device=device,
+                      ctx=max(ctx, len(prompt) + spec["bench_new"] + 8))
     load_seconds = time.perf_counter() - t0
     per = ctx - 1 - ctx // 2
     parts = []

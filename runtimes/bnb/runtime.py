@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from runtimes.torch_runtime import TorchRuntime
+from runtimes.torch_runtime.runtime import TorchRuntime
 from toolkit.core.bundle import ModelBundle
 
 MODES = ("int8", "nf4")
@@ -61,7 +61,7 @@ class BnbRuntime(TorchRuntime):
 
 
 def load(artifact, threads: int | None = None, device: str = "cpu", mode: str = "int8", verbose: bool = False,
-         **overrides):
+         ctx: int | None = None, **overrides):
     from toolkit.checkpoints import load_checkpoint
 
     bundle = artifact if isinstance(artifact, ModelBundle) else load_checkpoint(artifact, **overrides)
