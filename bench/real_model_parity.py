@@ -39,7 +39,7 @@ def toolkit(*args: str) -> None:
 def llama_cpp_files(hf: Path, work: Path, threads: int) -> list[Path]:
     import llama_cpp
 
-    from exporters.gguf import LLAMA_QUANTIZED
+    from exporters.gguf.exporter import LLAMA_QUANTIZED
     from tests.real_models import llama_cpp_converter
 
     converter = llama_cpp_converter()

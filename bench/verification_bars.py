@@ -116,8 +116,8 @@ def _gguf_rows(bundle, hf: Path, ids, args, record, converter: Path) -> None:
 
     import llama_cpp
 
-    from exporters.gguf import LLAMA_QUANTIZED, _k_quantize
     from exporters.gguf import tensors as gguf_tensors
+    from exporters.gguf.exporter import LLAMA_QUANTIZED, _k_quantize
     from exporters.gguf.writer import write_gguf
 
     work = args.work
@@ -166,7 +166,7 @@ def _onnx_rows(bundle, ids, args, record) -> None:
     through the batch the exporter verifies with, against the reference model on the source weights."""
     import shutil
 
-    from exporters.onnx import DECODE_STEPS, PROMPT_TOKENS, TorchReference, export, paired_logits
+    from exporters.onnx.exporter import DECODE_STEPS, PROMPT_TOKENS, TorchReference, export, paired_logits
     from exporters.onnx.quantize import _int4, _int8
     from runtimes.onnxruntime import MODEL_FILE, OnnxRuntime
 
@@ -203,8 +203,8 @@ def _mnn_rows(bundle, ids, args, record) -> None:
     """Ours at 16/8/4 bits (MNN's own converter does the rounding), and the mutations at 16 bits."""
     import shutil
 
-    from exporters.mnn import DECODE_STEPS, PROMPT_TOKENS, export
-    from exporters.onnx import TorchReference
+    from exporters.mnn.exporter import DECODE_STEPS, PROMPT_TOKENS, export
+    from exporters.onnx.exporter import TorchReference
     from runtimes.mnn import MnnRuntime
     from toolkit.core.verify import verification_ids
 

@@ -1,4 +1,5 @@
-"""`toolkit quantize int8|int4 CKPT --format hf`: quantized checkpoints as Hugging Face folders.
+"""`toolkit quantize int8|int4 CKPT --format hf` (declared in quant/targets.py): quantized checkpoints as Hugging
+Face folders.
 
 What is quantized: every linear layer of the decoder blocks (attention q/k/v/o, MLP). The token embedding and the
 lm_head keep their dtype, as GPTQ checkpoints and bitsandbytes do (the head shows quantization error most, the
@@ -19,33 +20,21 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
 
 from quant.gptq import Hessian, gptq
+from quant.targets import Int4Options
 from toolkit.core import gptq_format
 from toolkit.core.bundle import ModelBundle
 from toolkit.core.errors import ToolkitError
 from toolkit.core.grid import Grid, dequantize_groups, rtn
 from toolkit.core.quantized import EMBED, INT8_METHOD
+from toolkit.core.targets import Outcome, RunContext
 
 MIN_CALIB_TOKENS = 16
-
-
-@dataclass
-class Int4Options:
-    method: str = "gptq"  # or "rtn"
-    group_size: int = 128
-    sym: bool = True
-    act_order: bool = False
-    damp: float = 0.01
-    nsamples: int = 128
-    seqlen: int = 512
-    calib: Path | None = None  # default: the checkpoint's calib.txt
-    embed_bits: int = 16  # 8: the token embedding int8 per row (toolkit_embed_bits)
 
 
 def quantized_linears(bundle: ModelBundle) -> list[str]:
@@ -256,3 +245,65 @@ def write_checkpoint_manifest(bundle: ModelBundle, folder: Path, name: str, kind
         versions=manifest.package_versions("torch", "safetensors", "edge-toolkit"),
         verification=report.get("verification"), source_hash=source_hash,
         quantization=report["quantization_config"], details=details))
+
+
+def run_int8(src: Path, dest: Path, opts, ctx: RunContext) -> Outcome:
+    """`quantize int8 --format hf` (quant/targets.py)."""
+    return _run("int8", src, dest, None, "cpu", ctx)
+
+
+def run_int4(src: Path, dest: Path, opts: Int4Options, ctx: RunContext) -> Outcome:
+    """`quantize int4 --format hf` (quant/targets.py): the options checked before the checkpoint is read."""
+    if opts.method not in ("gptq", "rtn"):
+        raise ToolkitError(f"unknown --method '{opts.method}'", "use gptq or rtn")
+    if opts.seqlen < 1 or opts.nsamples < 1 or not 0 < opts.damp <= 1:
+        raise ToolkitError("--seqlen and --nsamples must be positive and --damp in (0, 1]",
+                           "the defaults are 512, 128 and 0.01")
+    if opts.embed_bits not in (16, 8):
+        raise ToolkitError(f"--embed-bits {opts.embed_bits} is not supported", "use 16 (as stored) or 8")
+    device = opts.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return _run("int4", src, dest, opts, device, ctx)
+
+
+def _run(kind: str, src: Path, dest: Path, opts: Int4Options | None, device: str, ctx: RunContext) -> Outcome:
+    import contextlib
+    import shutil
+
+    from toolkit.core.manifest import SourceHash
+    from toolkit.core.outputs import atomic_output
+    from toolkit.core.verify import verified_line
+
+    bundle = ctx.load(src)
+    refuse_quantized(bundle)
+    if opts is not None:
+        check_group_size(bundle, opts.group_size)
+        if opts.method == "gptq":
+            calibration_ids(bundle, opts)  # bad calibration text fails before any work
+    what = "layers" if opts is not None and opts.method == "gptq" else "linear layers"
+    source_hash = SourceHash(bundle.provenance)
+    bar = ctx.progress(f"{kind} {what}") if ctx.progress else contextlib.nullcontext(lambda done, total: None)
+    with atomic_output(dest, ctx.force, directory=True) as work:
+        with bar as progress:
+            try:
+                report = quantize_checkpoint(bundle, work, kind, opts, device, progress)
+            except FloatingPointError as e:
+                raise ToolkitError(f"quantization failed: {e}", "raise --damp or give more calibration text")
+        report["verification"] = verify_checkpoint(bundle, work, kind)
+        base = Path(bundle.provenance.get("path", src))
+        for side in ("heldout.txt", "calib.txt"):  # the baseline's texts travel with the quantized model
+            file = (base if base.is_dir() else base.parent) / side
+            if file.is_file():
+                shutil.copy2(file, work / side)
+        write_checkpoint_manifest(bundle, work, dest.name, kind, report, source_hash)
+    size = sum(f.stat().st_size for f in dest.glob("*.safetensors"))
+    extra = ""
+    if "calibration" in report:
+        c = report["calibration"]
+        extra = f", calibrated on {c['samples']} x {c['seqlen']} tokens"
+    if report.get("damp_raised"):
+        extra += f"; dampening raised for {len(report['damp_raised'])} layers (Cholesky failed)"
+    return Outcome(dest, f"{kind} {report['quantized_linears']} linear layers in {report['seconds']:.1f} s{extra}; "
+                         f"weights {size / 1e6:.1f} MB; verified ({verified_line(report['verification'])})",
+                   report=report)

@@ -15,7 +15,7 @@ import importlib
 import importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -79,6 +79,32 @@ class Runtime(Text, Protocol):
                  stop_ids: list[int] = ..., on_token: Callable[[int], None] | None = ...) -> Generation: ...
 
 
+# What some engines offer beyond Runtime, for the exporters' self-checks that must drive the engine's own cache or
+# batch as the format defines them. An exporter names the one it needs (tests/test_runtime_protocol.py checks that
+# nothing else is called on a runtime, and which runtimes offer which).
+@runtime_checkable
+class Stepping(Protocol):
+    """A cache the caller feeds: a fresh sequence, then tokens after the ones already seen (MNN's static cache)."""
+
+    def reset(self) -> None: ...
+
+    def step(self, token_ids: list[int]) -> np.ndarray:
+        """Logits [len(token_ids), vocab] of these tokens, continuing the sequence so far."""
+        ...
+
+
+@runtime_checkable
+class Batching(Protocol):
+    """A batched graph with an attention mask and an explicit cache (ONNX decoders, Optimum's I/O)."""
+
+    def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray, past: Any = None) -> tuple[np.ndarray, Any]:
+        """Logits [B, T, V] of `input_ids` after `past`, and the cache that continues them."""
+        ...
+
+
+CAPABILITIES = (Stepping, Batching)
+
+
 class TokenizerText:
     """Text for runtimes whose artifact carries a Hugging Face tokenizer: `text_tokenizer()` returns it."""
 
@@ -108,6 +134,9 @@ class RuntimeSpec:
     options: dict = field(default_factory=dict)  # fixed arguments of the module's load() (e.g. a mode)
     describe: Callable[[Any], str] = field(default=lambda artifact: "unknown")  # the format, as reports name it
     on_cuda: Callable[[], bool] = field(default=lambda: False)  # does it run on CUDA where CUDA is?
+    with_name: str | None = None  # eval-parity --with NAME: a row of the checkpoint itself in this runtime
+    extra: str | None = None  # the pip extra that installs `engine`, for the error when it is missing
+    beside: bool = False  # eval-parity also scores every artifact it opens in it, as a row of its own
 
     def load(self, *args, **kwargs) -> Runtime:
         """The module's load(artifact, threads=, device=, ctx=, verbose=, ...): ctx is the longest sequence the
@@ -115,24 +144,38 @@ class RuntimeSpec:
         return importlib.import_module(self.module).load(*args, **{**self.options, **kwargs})
 
 
+_DECLARED: list[RuntimeSpec] | None = None
+
+
+def declared() -> list[RuntimeSpec]:
+    """Every runtime declared by a module (or package) of runtimes/ in its SPECS tuple, installed or not (light
+    modules: the engines are imported by load() only)."""
+    global _DECLARED
+    if _DECLARED is None:
+        import pkgutil
+
+        found: list[RuntimeSpec] = []
+        for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
+            found += getattr(importlib.import_module(f"{__name__}.{info.name}"), "SPECS", ())
+        names = [spec.name for spec in found]
+        if len(set(names)) != len(names):
+            raise RuntimeError(f"two runtimes share a name: {sorted(names)}")
+        _DECLARED = found
+    return _DECLARED
+
+
+def installed(spec: RuntimeSpec) -> bool:
+    return spec.engine is None or importlib.util.find_spec(spec.engine) is not None
+
+
 _REGISTRY: dict[str, RuntimeSpec] | None = None
 
 
 def registry() -> dict[str, RuntimeSpec]:
-    """Every runtime whose engine is installed, found by reading SPECS from each module of this package (light
-    modules: the engines are imported by load() only)."""
+    """Every runtime whose engine is installed, by name."""
     global _REGISTRY
     if _REGISTRY is None:
-        import pkgutil
-
-        found: dict[str, RuntimeSpec] = {}
-        for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
-            for spec in getattr(importlib.import_module(f"{__name__}.{info.name}"), "SPECS", ()):
-                if spec.name in found:
-                    raise RuntimeError(f"two runtimes are named {spec.name!r}")
-                if spec.engine is None or importlib.util.find_spec(spec.engine) is not None:
-                    found[spec.name] = spec
-        _REGISTRY = found
+        _REGISTRY = {spec.name: spec for spec in declared() if installed(spec)}
     return _REGISTRY
 
 

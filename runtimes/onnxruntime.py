@@ -58,9 +58,13 @@ class OnnxRuntime(TokenizerText):
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.past_names = [n for n in self.inputs if n.startswith("past_key_values.")]
         first = self.inputs[self.past_names[0]].shape if self.past_names else [1, 1, 0, 1]
-        self.kv_heads, self.head_dim = int(first[1]), int(first[3])
+        # other tools' graphs name some dims (onnxruntime-genai's builder: 'kv_cache_dim'): then the folder's
+        # genai_config.json / config.json says what they are
+        sizes = _folder_sizes(path.parent)
+        self.kv_heads = _dim(first[1], sizes.get("kv_heads"), "key/value heads", path)
+        self.head_dim = _dim(first[3], sizes.get("head_dim"), "head size", path)
         self.uses_positions = "position_ids" in self.inputs
-        self.vocab_size = int(self.session.get_outputs()[0].shape[-1])
+        self.vocab_size = _dim(self.session.get_outputs()[0].shape[-1], sizes.get("vocab_size"), "vocabulary", path)
         self.kv_in_place = bool(self.past_names) and _has_op(path, "GroupQueryAttention")
         self.dir = path.parent
         self.meta = manifest.read(path.parent) or {}  # a graph of another tool's has none
@@ -166,6 +170,38 @@ class OnnxRuntime(TokenizerText):
         if getattr(self, "_tokenizer", None) is None:
             self._tokenizer = Tokenizer.from_dir(self.dir)
         return self._tokenizer
+
+
+def _folder_sizes(folder: Path) -> dict[str, int]:
+    """Cache and vocabulary sizes from genai_config.json (onnxruntime-genai) or config.json (Hugging Face)."""
+    import json
+
+    sizes: dict[str, int] = {}
+    hf = folder / "config.json"
+    if hf.is_file():
+        cfg = json.loads(hf.read_text())
+        heads = cfg.get("num_attention_heads")
+        sizes["kv_heads"] = cfg.get("num_key_value_heads", heads)
+        sizes["head_dim"] = cfg.get("head_dim") or (cfg["hidden_size"] // heads if heads and "hidden_size" in cfg
+                                                    else None)
+        sizes["vocab_size"] = cfg.get("vocab_size")
+    genai = folder / "genai_config.json"
+    if genai.is_file():
+        model = json.loads(genai.read_text()).get("model", {})
+        decoder = model.get("decoder", {})
+        sizes.update({k: v for k, v in (("kv_heads", decoder.get("num_key_value_heads")),
+                                        ("head_dim", decoder.get("head_size")),
+                                        ("vocab_size", model.get("vocab_size"))) if v})
+    return {k: int(v) for k, v in sizes.items() if v}
+
+
+def _dim(value, fallback: int | None, what: str, path: Path) -> int:
+    if isinstance(value, int) and value > 0:
+        return value
+    if fallback is None:
+        raise ToolkitError(f"the graph {path} names its {what} dimension '{value}' and its folder does not say its "
+                           "size", "put the model's config.json (or genai_config.json) beside model.onnx")
+    return fallback
 
 
 def _has_op(path: Path, op_type: str) -> bool:

@@ -127,8 +127,8 @@ def test_theta_inside_rope_parameters_wins_over_the_top_level_one(tmp_path):
 def test_qwen3_moe_folder_saved_by_transformers_5_23(tmp_path):
     """transformers 5.23's Qwen3MoeConfig writes num_local_experts (not num_experts) and fused expert tensors:
     `toolkit info` reads it, the reference equals transformers on it, and GGUF and ONNX exports verify."""
-    from exporters.gguf import export as export_gguf
-    from exporters.onnx import export as export_onnx
+    from exporters.gguf.exporter import export as export_gguf
+    from exporters.onnx.exporter import export as export_onnx
 
     config = transformers.Qwen3MoeConfig(**{**SMALL, "intermediate_size": 64}, head_dim=16, num_experts=4,
                                          num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=True,

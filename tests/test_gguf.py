@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from exporters.gguf import export
+from exporters.gguf.exporter import export
 from exporters.gguf.readback import tensor_types
 from runtimes.llama_cpp import LlamaCppRuntime
 from tests.conftest import assert_usage_error, run_cli
@@ -80,7 +80,7 @@ def test_moe_q8_0_verification_follows_llama_cpp_on_near_tied_routes(tmp_path, m
     logits within 0.0015-0.02) pass, the reference following llama.cpp there only; with the reference's own routes
     the flipped tokens show as a max |dlogit| above 0.5 — which the distribution bar of a rounded type tolerates
     (one token of 128), while the float types' relative bar would not."""
-    from exporters.gguf import verify
+    from exporters.gguf.exporter import verify
 
     followed, diffs = 0, []
     for seed in (0, 1, 5):
@@ -91,7 +91,7 @@ def test_moe_q8_0_verification_follows_llama_cpp_on_near_tied_routes(tmp_path, m
         followed += v["near_tie_routes_followed"]
         diffs.append(v["max_abs_diff"])
     assert followed >= 3
-    import exporters.gguf as gguf_exporter
+    import exporters.gguf.exporter as gguf_exporter
 
     monkeypatch.setitem(gguf_exporter.ROUTER_GAP, "q8_0", 0.0)  # the reference's own routes everywhere
     own = verify(random_bundle("qwen3_moe", seed=5, std=0.1), tmp_path / "moe5.gguf", "q8_0")

@@ -7,8 +7,8 @@ import re
 
 import pytest
 
-from exporters.gguf import export
 from exporters.gguf.chat_templates import CONVERSATIONS, read_gguf_chat
+from exporters.gguf.exporter import export
 from runtimes.llama_cpp import LlamaCppRuntime
 from tests.conftest import SHARED_DATA, run_cli
 from tests.helpers import random_weights, tiny_config

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from exporters.gguf import export
 from exporters.gguf.convert import convert_into, require_finite
+from exporters.gguf.exporter import export
 from tests.conftest import ROOT
 from tests.helpers import random_bundle
 from toolkit.checkpoints import load_checkpoint

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from exporters.gguf import export
+from exporters.gguf.exporter import export
 from tests.conftest import run_cli
 from tests.helpers import random_bundle
 from toolkit.checkpoints import load_checkpoint

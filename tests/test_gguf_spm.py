@@ -9,7 +9,7 @@ import pytest
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
 
-from exporters.gguf import export
+from exporters.gguf.exporter import export
 from runtimes.llama_cpp import LlamaCppRuntime
 from tests.helpers import random_weights, tiny_config
 from toolkit.app.corpus import default_corpus

@@ -19,7 +19,7 @@ import pytest
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from exporters.gguf import export
+from exporters.gguf.exporter import export
 from exporters.gguf.vocab import add_vocab
 from tests.helpers import random_weights, tiny_config
 from toolkit.app.corpus import default_corpus

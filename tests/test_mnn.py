@@ -14,8 +14,9 @@ import torch
 
 pytest.importorskip("MNN")
 
-from exporters.mnn import converter, export, weights  # noqa: E402
-from exporters.onnx import TorchReference  # noqa: E402
+from exporters.mnn import converter, weights  # noqa: E402
+from exporters.mnn.exporter import export  # noqa: E402
+from exporters.onnx.exporter import TorchReference  # noqa: E402
 from runtimes.mnn import MnnRuntime  # noqa: E402
 from tests.conftest import ROOT, assert_usage_error, run_cli  # noqa: E402
 from tests.helpers import random_bundle  # noqa: E402

@@ -10,7 +10,7 @@ import onnx
 import pytest
 
 import exporters.onnx.graph as graph_module
-from exporters.onnx import DECODE_STEPS, PAD, TorchReference, compare, export
+from exporters.onnx.exporter import DECODE_STEPS, PAD, TorchReference, compare, export
 from runtimes.onnxruntime import OnnxRuntime
 from tests.conftest import assert_usage_error, run_cli
 from tests.helpers import random_bundle

@@ -132,7 +132,8 @@ FP32_ONLY = {"rms_eps_div10": lambda b: _with_config(b, rms_norm_eps=b.config.rm
 
 
 def _gguf_fails(bundle, mutated, name, tmp_path, outtype, monkeypatch):
-    from exporters.gguf import export, tensors, verify
+    from exporters.gguf import tensors
+    from exporters.gguf.exporter import export, verify
 
     path = tmp_path / f"{name}-{outtype}.gguf"
     if name == "qk_not_permuted":
@@ -147,7 +148,7 @@ def _gguf_fails(bundle, mutated, name, tmp_path, outtype, monkeypatch):
 
 
 def _onnx_fails(bundle, mutated, name, tmp_path):
-    from exporters.onnx import export, verify
+    from exporters.onnx.exporter import export, verify
 
     folder = tmp_path / f"onnx-{name}"
     export(mutated, folder, "portable", verify_graph=False)
@@ -159,7 +160,7 @@ def _onnx_fails(bundle, mutated, name, tmp_path):
 
 
 def _mnn_fails(bundle, mutated, name, tmp_path):
-    from exporters.mnn import export, verify
+    from exporters.mnn.exporter import export, verify
 
     folder = tmp_path / f"mnn-{name}"
     export(mutated, folder, 16, 64, False, verify_model=False)
@@ -197,7 +198,7 @@ def test_eps_div10_caught_by_gguf_f32(smollm2, tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("outtype", ["f32", "f16", "bf16", "q8_0", "q6_k", "q5_k_m", "q4_k_m", "q4_0"])
 def test_smollm2_gguf_exports_verified(outtype, smollm2, tmp_path):
-    from exporters.gguf import export
+    from exporters.gguf.exporter import export
 
     report = export(smollm2, tmp_path / f"s-{outtype}.gguf", outtype)
     v = report.verification
@@ -207,8 +208,8 @@ def test_smollm2_gguf_exports_verified(outtype, smollm2, tmp_path):
 
 
 def test_smollm2_onnx_and_mnn_exports_verified(smollm2, tmp_path):
-    from exporters.mnn import export as export_mnn
-    from exporters.onnx import export as export_onnx
+    from exporters.mnn.exporter import export as export_mnn
+    from exporters.onnx.exporter import export as export_onnx
     from exporters.onnx.quantize import quantize_onnx_folder
 
     for variant in ("portable", "ort"):

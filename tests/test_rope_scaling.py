@@ -182,7 +182,7 @@ def test_gguf_f32_llama_cpp_matches_reference_past_original_context(family, scal
     keys is far off there. The keys are the ones llama.cpp reads."""
     import gguf
 
-    from exporters.gguf import export
+    from exporters.gguf.exporter import export
     from runtimes.llama_cpp import LlamaCppRuntime
 
     bundle = _bundle(family, scaling, std=0.1, tie_word_embeddings=family != "qwen2")
@@ -225,7 +225,7 @@ def test_gguf_f32_llama_cpp_matches_reference_past_original_context(family, scal
     ("qwen3", "yarn_mscale", "beta_fast/beta_slow 32/1"),
 ])
 def test_gguf_refuses_what_llama_cpp_cannot_compute(family, scaling, why, tmp_path):
-    from exporters.gguf import export
+    from exporters.gguf.exporter import export
 
     bundle = _bundle(family, scaling)
     with pytest.raises(ToolkitError) as e:
@@ -252,7 +252,7 @@ ONNX_CASES = [("llama", "llama3"), ("llama", "linear"), ("qwen2", "yarn"), ("qwe
 def test_onnx_matches_reference_past_original_context(family, scaling, variant, tmp_path):
     """The exporter's verification batch (two rows, one left-padded; 48-token prefill + 16 cached steps: positions
     to 63, past ORIGINAL 32) within 1e-4 of the reference in ONNX Runtime; plain RoPE is far off there."""
-    from exporters.onnx import DECODE_STEPS, PROMPT_TOKENS, TorchReference, compare, export
+    from exporters.onnx.exporter import DECODE_STEPS, PROMPT_TOKENS, TorchReference, compare, export
     from runtimes.onnxruntime import OnnxRuntime
 
     bundle = _bundle(family, scaling, tie_word_embeddings=family == "llama")
@@ -270,7 +270,7 @@ def test_onnx_matches_reference_past_original_context(family, scaling, variant, 
 
 @pytest.mark.parametrize("variant", ["portable", "ort"])
 def test_onnx_refuses_dynamic_scaling(variant, tmp_path):
-    from exporters.onnx import export
+    from exporters.onnx.exporter import export
 
     with pytest.raises(ToolkitError) as e:
         export(_bundle("llama", "dynamic"), tmp_path / "out", variant, 20)
@@ -285,7 +285,8 @@ def test_mnn_16bit_matches_reference_past_original_context(family, scaling, tmp_
     """Prefill of 48 + 16 cached steps (positions to 63, past ORIGINAL 32) in MNN, within 1e-4 of the reference on
     the file's own fp16 weights (MNN computes in fp32), and the scaling recorded for the runtime."""
     pytest.importorskip("MNN")
-    from exporters.mnn import export, weights
+    from exporters.mnn import weights
+    from exporters.mnn.exporter import export
     from runtimes.mnn import MnnRuntime
     from tests.test_mnn import _prefill_and_decode
 
@@ -305,7 +306,7 @@ def test_mnn_16bit_matches_reference_past_original_context(family, scaling, tmp_
 
 def test_mnn_refuses_dynamic_scaling(tmp_path):
     pytest.importorskip("MNN")
-    from exporters.mnn import export
+    from exporters.mnn.exporter import export
 
     with pytest.raises(ToolkitError) as e:
         export(_bundle("llama", "dynamic"), tmp_path / "out", bits=16)

@@ -11,8 +11,16 @@ import runtimes
 from runtimes import RUNTIMES, Runtime
 from tests.conftest import ROOT, assert_usage_error, run_cli
 
-CLASSES = {"torch": "TorchRuntime", "llama_cpp": "LlamaCppRuntime", "onnxruntime": "OnnxRuntime", "mnn": "MnnRuntime",
-           "bnb_int8": "BnbRuntime", "bnb_nf4": "BnbRuntime"}
+
+def runtime_class(name: str) -> type:
+    """The class a runtime's load() returns: the one class of its module that has logits and generate."""
+    module = importlib.import_module(RUNTIMES[name].module)
+    found = [cls for _, cls in inspect.getmembers(module, inspect.isclass) if cls.__module__ == module.__name__
+             and callable(getattr(cls, "logits", None)) and callable(getattr(cls, "generate", None))]
+    assert len(found) == 1, (name, found)
+    return found[0]
+
+
 METHODS = [name for name, member in inspect.getmembers(Runtime, inspect.isfunction) if not name.startswith("_")]
 
 
@@ -22,7 +30,7 @@ def test_the_protocol_declares_what_generate_and_the_harness_call():
 
 @pytest.mark.parametrize("name", sorted(RUNTIMES))
 def test_every_runtime_class_offers_the_whole_protocol(name):
-    cls = getattr(importlib.import_module(RUNTIMES[name].module), CLASSES[name])
+    cls = runtime_class(name)
     for method in METHODS:
         assert callable(getattr(cls, method, None)), f"{cls.__name__} lacks {method}"
         want = list(inspect.signature(getattr(Runtime, method)).parameters)
@@ -125,3 +133,56 @@ def test_a_new_runtime_is_one_module(tmp_path):
     assert proc.returncode == 0 and proc.stdout.strip() == "345", proc.stderr[-2000:]
     # and the product itself does not have it
     assert "counting" not in RUNTIMES
+
+
+# --- the exporters' self-checks call only what a protocol declares -------------------------------------------------
+PROTOCOLS = {"Runtime": Runtime, **{p.__name__: p for p in runtimes.CAPABILITIES}}
+
+
+def declared_methods(protocol) -> set[str]:
+    return {name for name, _ in inspect.getmembers(protocol, inspect.isfunction) if not name.startswith("_")}
+
+
+def undeclared_runtime_calls(source: str) -> list[str]:
+    """Calls on a runtime that its annotation's protocol does not declare; runtimes loaded into a name without one."""
+    import ast
+
+    bad = []
+    for fn in [n for n in ast.walk(ast.parse(source)) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))]:
+        typed = {a.arg: a.annotation.id for a in fn.args.args + fn.args.kwonlyargs
+                 if isinstance(a.annotation, ast.Name) and a.annotation.id in PROTOCOLS}
+        for node in ast.walk(fn):
+            if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) \
+                    and isinstance(node.annotation, ast.Name) and node.annotation.id in PROTOCOLS:
+                typed[node.target.id] = node.annotation.id
+            elif isinstance(node, ast.Assign) and isinstance(node.value, ast.Call) \
+                    and isinstance(node.value.func, ast.Attribute) and node.value.func.attr == "load" \
+                    and "RUNTIMES" in ast.unparse(node.value.func):
+                bad.append(f"{fn.name}: a runtime loaded into {ast.unparse(node.targets[0])} without a protocol")
+        for node in ast.walk(fn):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) \
+                    and isinstance(node.func.value, ast.Name) and node.func.value.id in typed:
+                protocol = typed[node.func.value.id]
+                allowed = declared_methods(PROTOCOLS[protocol]) | {"label", "name"}
+                if node.func.attr not in allowed:
+                    bad.append(f"{fn.name}: {node.func.value.id}.{node.func.attr}() is not declared by {protocol}")
+    return bad
+
+
+def test_exporters_call_only_declared_runtime_methods():
+    found = {str(path.relative_to(ROOT)): undeclared_runtime_calls(path.read_text())
+             for path in (ROOT / "exporters").rglob("*.py")}
+    assert {k: v for k, v in found.items() if v} == {}
+    # and the check sees a call the protocol lacks, and a runtime loaded without naming one
+    planted = ("def verify(folder):\n    runtime: Stepping = RUNTIMES['mnn'].load(folder)\n    runtime.reset()\n"
+               "    runtime.embeddings()\n    other = RUNTIMES['mnn'].load(folder)\n")
+    assert len(undeclared_runtime_calls(planted)) == 2
+
+
+@pytest.mark.parametrize("name, capability", [("mnn", "Stepping"), ("onnxruntime", "Batching")])
+def test_the_runtimes_exporters_drive_offer_the_capability(name, capability):
+    protocol, cls = PROTOCOLS[capability], runtime_class(name)
+    for method in declared_methods(protocol):
+        want = list(inspect.signature(getattr(protocol, method)).parameters)
+        got = list(inspect.signature(getattr(cls, method)).parameters)
+        assert got[:len(want)] == want, (cls.__name__, method, got)

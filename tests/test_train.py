@@ -175,3 +175,34 @@ def test_lr_schedule_reaches_min_lr():
     opts = TrainOptions(out="x", steps=10, warmup=2, lr=1.0, min_lr=0.1)
     assert lr_at(0, opts) == 0.5 and lr_at(1, opts) == 1.0 and lr_at(2, opts) == 1.0
     assert abs(lr_at(9, opts) - 0.1) < 1e-12
+
+
+def test_an_interrupted_run_resumes_into_the_uninterrupted_one(tmp_path):
+    """Ctrl-C after step 4 (its state saved), then --resume: steps 5-8 log the same loss, lr and gradient norm as a
+    run never stopped, and the saved weights are the same."""
+    from toolkit.app.train import TrainOptions, train
+    from toolkit.core.errors import Interrupted
+
+    text = tmp_path / "t.txt"
+    text.write_text(default_corpus()[:120_000])
+    recipe = dict(texts=[str(text)], hidden_size=64, num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=128,
+                  vocab_size=512, seq_len=32, batch_size=4, steps=8, warmup=2, eval_every=4, save_every=4, threads=1)
+    train(TrainOptions(out=str(tmp_path / "whole"), **recipe))
+
+    def stop_after_4(record):
+        if record["step"] == 4:
+            raise KeyboardInterrupt
+
+    with pytest.raises(Interrupted):
+        train(TrainOptions(out=str(tmp_path / "cut"), **recipe), progress=stop_after_4)
+    state = tmp_path / "cut.train_state.pt"
+    assert state.is_file() and not (tmp_path / "cut").exists()
+    train(TrainOptions(out=str(tmp_path / "cut"), resume=str(state), **recipe))
+    whole, cut = _log(tmp_path / "whole"), _log(tmp_path / "cut")
+    assert [r["step"] for r in cut] == list(range(1, 9))
+    for a, b in zip(whole[4:], cut[4:]):
+        for key in ("loss", "lr", "grad_norm"):
+            assert math.isclose(a[key], b[key], rel_tol=1e-6, abs_tol=1e-9), (a["step"], key, a[key], b[key])
+    want, got = load_checkpoint(tmp_path / "whole"), load_checkpoint(tmp_path / "cut")
+    for name in want.tensors:
+        assert torch.equal(want.load(name), got.load(name)), name

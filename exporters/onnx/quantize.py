@@ -17,6 +17,7 @@ from pathlib import Path
 from toolkit.core import manifest
 from toolkit.core.errors import ToolkitError, VerificationError
 from toolkit.core.outputs import atomic_output
+from toolkit.core.targets import Outcome, RunContext
 
 LM_HEAD = "/lm_head/MatMul"
 SIDE_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "genai_config.json")
@@ -76,7 +77,7 @@ def _summary(path: Path) -> dict:
 
 def quantize_onnx_folder(src: Path, dest: Path, kind: str, force: bool = False, threads: int = 1,
                          group_size: int = 32, lm_head_bits: int = 8) -> dict:
-    from exporters.onnx import MODEL_FILE, folder_size, paired_logits
+    from exporters.onnx.exporter import MODEL_FILE, folder_size, paired_logits
     from runtimes import RUNTIMES
     from toolkit.core.tokenizer import Tokenizer
     from toolkit.core.verify import judge
@@ -126,3 +127,51 @@ def quantize_onnx_folder(src: Path, dest: Path, kind: str, force: bool = False, 
                   "verification": verification, "warnings": meta.get("warnings") or [], "details": details}
         manifest.write(work / manifest.FOLDER_FILE, report)
     return {**report, **summary, "source_size_bytes": source_size}
+
+
+def _source_folder(src: Path, opts, work: Path, ctx: RunContext) -> Path:
+    """The folder with model.onnx: an export folder as it is, or a checkpoint exported first into `work`."""
+    from exporters.onnx import is_export_folder
+
+    if Path(src).is_dir() and is_export_folder(src):
+        return Path(src)
+    from exporters.onnx.exporter import check_opset, check_variant, export
+
+    check_opset(opts.opset)
+    bundle = ctx.load(src)
+    check_variant(bundle, opts.variant)
+    ctx.log(f"exporting {src} to ONNX ({opts.variant}, opset {opts.opset}) first")
+    export(bundle, work / "fp32", opts.variant, opts.opset, True, False, ctx.threads)
+    return work / "fp32"
+
+
+def run_int8(src: Path, dest: Path, opts, ctx: RunContext) -> Outcome:
+    """`quantize int8 --format onnx` (exporters/onnx/__init__.py)."""
+    return _run("int8", src, dest, opts, ctx, {})
+
+
+def run_int4(src: Path, dest: Path, opts, ctx: RunContext) -> Outcome:
+    """`quantize int4 --format onnx` (exporters/onnx/__init__.py)."""
+    if opts.group_size not in (16, 32, 64, 128, 256):
+        raise ToolkitError(f"--group-size {opts.group_size} is not supported by MatMulNBits",
+                           "choose 16, 32, 64, 128 or 256")
+    if opts.lm_head_bits not in (4, 8):
+        raise ToolkitError(f"--lm-head-bits {opts.lm_head_bits} is not supported", "choose 4 or 8")
+    return _run("int4", src, dest, opts, ctx, {"group_size": opts.group_size, "lm_head_bits": opts.lm_head_bits})
+
+
+def _run(kind: str, src: Path, dest: Path, opts, ctx: RunContext, options: dict) -> Outcome:
+    import tempfile
+    import time
+
+    from toolkit.core.verify import verified_line
+
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="toolkit-quant-", dir=dest.parent if dest.parent.exists() else None) as tmp:
+        folder = _source_folder(src, opts, Path(tmp), ctx)
+        report = quantize_onnx_folder(folder, dest, kind, force=ctx.force, threads=ctx.threads, **options)
+    return Outcome(dest, f"{kind} ONNX: {report['size_bytes'] / 1e6:.1f} MB (fp32 "
+                         f"{report['source_size_bytes'] / 1e6:.1f} MB), {report['quantized_matmuls']} of "
+                         f"{report['matmuls']} MatMuls quantized, lm_head {report['lm_head']}; "
+                         f"{time.perf_counter() - t0:.1f} s; verified against the fp32 graph "
+                         f"({verified_line(report['verification'])})", report=report)

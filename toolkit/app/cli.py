@@ -10,39 +10,27 @@ import json
 import os
 import sys
 from dataclasses import asdict
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.console import Console
 
 try:  # typer >= 0.20 vendors click; its exceptions live there
     from typer._click import exceptions as click_exceptions
 except ImportError:  # pragma: no cover - older typer uses click itself
     from click import exceptions as click_exceptions
 
+from toolkit.app.console import Flags, err, out
 from toolkit.app.loader_options import LoaderOptions, loader_options
 from toolkit.core.errors import ToolkitError
+from toolkit.core.targets import beside
 
 app = typer.Typer(name="toolkit", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   rich_markup_mode=None,
                   help="Take small language models to the edge: train, convert, quantize, export, and prove parity.")
-err = Console(stderr=True, soft_wrap=True)
-out = Console(soft_wrap=True)
-
-
-class Flags:
-    debug = False
-    verbose = False
-
 
 ForceOpt = Annotated[bool, typer.Option(help="Replace an existing output.")]
-VerifyThreadsOpt = Annotated[int, typer.Option(help="CPU threads for verification.")]
-
-
-def _default_dest(src: Path, suffix: str) -> Path:
-    """DESIGN.md's default output: named after the input (without .pth) and the variant, beside it."""
-    return Path(f"{str(src).rstrip('/').removesuffix('.pth')}{suffix}")
 
 
 # --- train -----------------------------------------------------------------------------------------------------
@@ -99,7 +87,7 @@ def train(
     opts = TrainOptions(out=str(dest), texts=[str(t) for t in text or []], with_default_corpus=with_default_corpus,
                         heldout_frac=heldout_frac, tokenizer=str(tokenizer) if tokenizer else None,
                         vocab_size=vocab_size, arch=arch, hidden_size=hidden, num_layers=layers, num_heads=heads,
-                        num_kv_heads=kv_heads, intermediate_size=ffn or (4 * hidden if arch == "nanochat" else 768),
+                        num_kv_heads=kv_heads, intermediate_size=ffn,
                         seq_len=seq_len, batch_size=batch_size, grad_accum=grad_accum, steps=steps, lr=lr,
                         warmup=warmup, min_lr=min_lr, weight_decay=weight_decay, grad_clip=grad_clip,
                         eval_every=eval_every, save_every=save_every, seed=seed, device=device, threads=threads,
@@ -126,43 +114,12 @@ def info(
     loader: LoaderOptions = LoaderOptions(),
 ):
     """Architecture, parameters, dtype, size, tokenizer and tied embeddings of a checkpoint (reads headers only)."""
-    from toolkit.core import rope
+    from toolkit.app.info import describe
 
-    bundle = loader.load(ckpt)
-    cfg, tok = bundle.config, bundle.tokenizer
-    size = sum(f.stat().st_size for f in Path(ckpt).rglob("*") if f.is_file()) if Path(ckpt).is_dir() \
-        else Path(ckpt).stat().st_size
-    report = {
-        "path": str(ckpt), "format": bundle.provenance.get("format"), "era": bundle.provenance.get("era"),
-        "arch": cfg.family, "description": cfg.fam.description, "hf_class": cfg.fam.hf_architecture,
-        "parameters": bundle.num_parameters(), "dtypes": bundle.dtypes(), "size_bytes": size,
-        "tied_embeddings": cfg.tie_word_embeddings,
-        "stored_types": bundle.provenance.get("gguf_tensor_types"),  # a GGUF's block types (read dequantized)
-        "config": {k: v for k, v in cfg.to_dict().items() if k not in ("extra", "family")},
-        "tokenizer": {"type": tok.kind, "vocab_size": tok.vocab_size, "bos": tok.bos_id, "eos": tok.eos_id,
-                      "pad": tok.pad_id, "add_bos": tok.add_bos, "chat_template": bool(tok.chat_template)},
-    }
+    report, rows = describe(loader.load(ckpt), ckpt)
     if as_json:
         out.print_json(json.dumps(report))
         return
-    rows = [("path", report["path"]), ("format", f"{report['format']}" + (f" (era {report['era']})"
-                                                                          if report["era"] else "")),
-            ("arch", f"{cfg.family}: {cfg.fam.description}"),
-            ("parameters", f"{report['parameters']:,} ({report['parameters'] / 1e6:.2f}M)"),
-            ("dtype", ", ".join(f"{k} {v:,}" for k, v in report["dtypes"].items())
-             + (f" (dequantized from GGUF {', '.join(report['stored_types'])})" if report["stored_types"] else "")),
-            ("size", f"{size / 1e6:.1f} MB"),
-            ("shape", f"hidden {cfg.hidden_size}, layers {cfg.num_layers}, heads {cfg.num_heads}/{cfg.num_kv_heads} "
-                      f"(head_dim {cfg.head_dim}), ffn {cfg.intermediate_size or cfg.moe_intermediate_size}, "
-                      f"vocab {cfg.vocab_size}"),
-            ("rope / norm", f"{rope.describe(cfg)}, rms eps {cfg.rms_norm_eps:g}"),
-            ("tied embeddings", str(cfg.tie_word_embeddings)),
-            ("tokenizer", f"{tok.kind}, {tok.vocab_size} tokens, bos {tok.bos_id}, eos {tok.eos_id}, "
-                          f"add_bos {tok.add_bos}, chat template {'yes' if tok.chat_template else 'no'}")]
-    if cfg.fam.moe:
-        rows.insert(5, ("experts", f"{cfg.num_experts} experts, top-{cfg.num_experts_per_tok}"
-                                   + (f", shared {cfg.shared_expert_intermediate_size}" if cfg.fam.shared_expert
-                                      else "")))
     for key, value in rows:
         out.print(f"[bold]{key:>16}[/bold]  {value}", highlight=False)
 
@@ -223,19 +180,17 @@ def generate(
 
 
 # --- convert ---------------------------------------------------------------------------------------------------
-def _verified(v: dict) -> str:
-    """The shared verifier's figures and the bar they were judged by, for the closing line of an export."""
-    from toolkit.core.verify import summary
-
-    bar = ", ".join(f"{k.replace('max_', '').replace('min_', '')} {val:g}" for k, val in v["bar"].items())
-    return f"{summary(v)}; bar for {v['judged_as']}: {bar}"
+class ConvertTo(str, Enum):
+    """`convert --to`: the folder layouts a checkpoint converts to (exports to runtimes' formats: `toolkit export`)."""
+    hf = "hf"
 
 
 @app.command()
 @loader_options
 def convert(
     ckpt: Annotated[Path, typer.Argument(help="Checkpoint to convert.")],
-    to: Annotated[str, typer.Option("--to", help="Target format: hf (a folder transformers loads).")] = "hf",
+    to: Annotated[ConvertTo, typer.Option("--to", help="Target format: hf (a folder transformers loads); for "
+                                                     "runtimes' formats see `toolkit export`.")] = "hf",
     out_dir: Annotated[Optional[Path], typer.Option("-o", "--out", help="Output folder. Default: <ckpt>-hf/.")] = None,
     dtype: Annotated[Optional[str], typer.Option(help="float32, float16 or bfloat16 (default: as stored).")] = None,
     force: ForceOpt = False,
@@ -247,8 +202,6 @@ def convert(
     from toolkit.checkpoints.hf_writer import save_hf
     from toolkit.core.outputs import atomic_output, check_destination
 
-    if to != "hf":
-        raise ToolkitError(f"unknown target format '{to}'", "use --to hf; for GGUF/ONNX/MNN see `toolkit export`")
     dtypes = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
     if dtype is not None and dtype not in dtypes:
         raise ToolkitError(f"unknown dtype '{dtype}'", "use float32, float16 or bfloat16")
@@ -262,318 +215,21 @@ def convert(
     out.print(str(dest))
 
 
-# --- export --------------------------------------------------------------------------------------------------
-export_app = typer.Typer(no_args_is_help=True, help="Export a checkpoint to a runtime's format, verified against the "
-                                                     "reference model before it is kept.")
-app.add_typer(export_app, name="export")
+# --- export, quantize: generated from the targets exporters/ and quant/ declare -------------------------------
+def _target_group(command: str, help: str) -> typer.Typer:
+    import exporters
+    import quant
+    from toolkit.app.target_commands import add_commands
+
+    group = typer.Typer(no_args_is_help=True, help=help)
+    add_commands(group, [t for t in exporters.registry() + quant.registry() if t.command == command])
+    app.add_typer(group, name=command)
+    return group
 
 
-@export_app.command("gguf")
-@loader_options
-def export_gguf(
-    ckpt: Annotated[Path, typer.Argument(help="Checkpoint to export.")],
-    out_file: Annotated[Optional[Path], typer.Option("-o", "--out", help="Output FILE.gguf. Default: "
-                                                                         "<ckpt>-<outtype>.gguf.")] = None,
-    outtype: Annotated[str, typer.Option(help="f32, f16, bf16, q8_0, q4_0, or llama.cpp's K-quants q4_k_m, q5_k_m, "
-                                              "q6_k (norms and routers stay f32).")] = "f16",
-    verify: Annotated[bool, typer.Option(help="Load the file in llama.cpp and compare logits and tokenization "
-                                              "with the reference model before keeping it.")] = True,
-    threads: VerifyThreadsOpt = 1,
-    force: ForceOpt = False,
-    loader: LoaderOptions = LoaderOptions(),
-):
-    """GGUF for llama.cpp and Ollama; writes FILE.gguf and FILE.manifest.json."""
-    from exporters import get as get_exporter
-    from toolkit.core.outputs import check_destination
-
-    dest = out_file or _default_dest(ckpt, f"-{outtype}.gguf")
-    check_destination(dest, force)
-    bundle = loader.load(ckpt)
-    report = get_exporter("gguf").export(bundle, dest, outtype, verify, force, threads, Flags.verbose)
-    for line in report.fallbacks:
-        err.print(f"[yellow]fallback[/yellow] {line}")
-    for line in report.warnings:
-        err.print(f"[yellow]warning[/yellow] {line}")
-    v = report.verification
-    checked = f"verified in llama.cpp ({_verified(v)}), tokenizer identical" if v else "not verified"
-    types = ", ".join(f"{n} {k}" for k, n in sorted(report.tensor_types.items()))
-    err.print(f"{report.arch} {outtype}: {report.size_bytes / 1e6:.1f} MB, {report.bits_per_weight:.2f} bits/weight "
-              f"({types}), "
-              f"{report.seconds:.1f} s; {checked}")
-    out.print(str(dest))
-
-
-@export_app.command("onnx")
-@loader_options
-def export_onnx(
-    ckpt: Annotated[Path, typer.Argument(help="Checkpoint to export.")],
-    out_dir: Annotated[Optional[Path], typer.Option("-o", "--out", help="Output folder. Default: "
-                                                                        "<ckpt>-onnx-<variant>.")] = None,
-    variant: Annotated[str, typer.Option(help="portable: standard ONNX ops, every family, Optimum's I/O names. "
-                                              "ort: ONNX Runtime's fused ops (GroupQueryAttention, "
-                                              "SkipSimplifiedLayerNormalization, packed QKV) + genai_config.json "
-                                              "for onnxruntime-genai; dense llama/qwen2/qwen3.")] = "portable",
-    opset: Annotated[int, typer.Option(help="ONNX opset: 17 (what MNN's converter reads), 20, or 23 "
-                                            "(RMSNormalization op).")] = 20,
-    verify: Annotated[bool, typer.Option(help="Run the graph in ONNX Runtime (batch of 2 left-padded prompts, "
-                                              "prefill + 16 cached steps) and compare logits with the reference "
-                                              "model before keeping it.")] = True,
-    threads: VerifyThreadsOpt = 1,
-    force: ForceOpt = False,
-    loader: LoaderOptions = LoaderOptions(),
-):
-    """ONNX (fp32) for ONNX Runtime: model.onnx + model.onnx.data with a KV cache, tokenizer and manifest.json."""
-    from exporters import get as get_exporter
-    from exporters.onnx import check_opset, check_variant
-    from toolkit.core.outputs import check_destination
-
-    dest = out_dir or _default_dest(ckpt, f"-onnx-{variant}")
-    check_destination(dest, force)
-    check_opset(opset)
-    bundle = loader.load(ckpt)
-    check_variant(bundle, variant)
-    report = get_exporter("onnx").export(bundle, dest, variant, opset, verify, force, threads)
-    v = report.verification
-    checked = (f"verified in ONNX Runtime over prefill + {v['decode_steps']} cached steps, batch 2 left-padded "
-               f"({_verified(v)})") if v else "not verified"
-    top = ", ".join(f"{k} {n}" for k, n in list(report.nodes.items())[:6])
-    err.print(f"{variant} opset {report.opset} (IR {report.ir_version}): {report.size_bytes / 1e6:.1f} MB, "
-              f"{sum(report.nodes.values())} nodes ({top}, ...); {checked}")
-    out.print(str(dest))
-
-
-@export_app.command("mnn")
-@loader_options
-def export_mnn(
-    ckpt: Annotated[Path, typer.Argument(help="Checkpoint to export.")],
-    out_dir: Annotated[Optional[Path], typer.Option("-o", "--out", help="Output folder. Default: "
-                                                                        "<ckpt>-mnn-<bits>bit.")] = None,
-    bits: Annotated[int, typer.Option(help="Weight bits: 16 (fp16), 8 or 4 (block-wise, MNN's min/max grid; run "
-                                           "with MNN's low-memory int8 kernels).")] = 4,
-    group_size: Annotated[int, typer.Option(help="Input columns per scale for 8/4 bits; must divide every weight's "
-                                                 "input width; 0 = one scale per output channel.")] = 64,
-    hqq: Annotated[bool, typer.Option(help="Refine 8/4-bit scales with HQQ in MNN's converter.")] = False,
-    verify: Annotated[bool, typer.Option(help="Run the model in MNN (prefill of 48 tokens + 16 cached steps) and "
-                                              "judge its logits against the reference model by the shared "
-                                              "verifier's bar for the bit width before keeping it.")] = True,
-    threads: VerifyThreadsOpt = 1,
-    force: ForceOpt = False,
-    loader: LoaderOptions = LoaderOptions(),
-):
-    """MNN for Alibaba's mobile engine: model.mnn (graph with a fixed-capacity KV cache, opset-17 ONNX converted by
-    the MNN wheel), a 16-bit embedding file, tokenizer and manifest.json. Never calls MNN's telemetry."""
-    from exporters import get as get_exporter
-    from exporters.mnn import check_options
-    from toolkit.core.outputs import check_destination
-
-    check_options(None, bits, group_size, hqq)
-    dest = out_dir or _default_dest(ckpt, f"-mnn-{bits}bit")
-    check_destination(dest, force)
-    bundle = loader.load(ckpt)
-    report = get_exporter("mnn").export(bundle, dest, bits, group_size, hqq, verify, force, threads)
-    v = report.verification
-    checked = (f"verified in MNN over prefill + {v['decode_steps']} cached steps ({_verified(v)})"
-               ) if v else "not verified"
-    grid = f", group size {report.group_size or 'per channel'}{', hqq' if report.hqq else ''}" if bits < 16 else ""
-    err.print(f"{bits}-bit{grid}: {report.size_bytes / 1e6:.1f} MB, {report.seconds:.1f} s; {checked}")
-    out.print(str(dest))
-
-
-# --- quantize --------------------------------------------------------------------------------------------------
-quantize_app = typer.Typer(no_args_is_help=True, help="Quantize weights to INT8 or INT4.")
-app.add_typer(quantize_app, name="quantize")
-
-SourceVariantOpt = Annotated[str, typer.Option(help="Variant when SRC is a checkpoint.")]
-SourceOpsetOpt = Annotated[int, typer.Option(help="Opset when SRC is a checkpoint.")]
-FormatOpt = Annotated[str, typer.Option("--format", help="hf: a quantized checkpoint (Hugging Face folder); onnx: "
-                                                          "a quantized ONNX export folder (a checkpoint is exported "
-                                                          "first, --variant ort); auto: onnx when SRC is an ONNX "
-                                                          "export folder, else hf.")]
-
-
-def _onnx_source(src: Path, variant: str, opset: int, work: Path, loader: LoaderOptions, threads: int):
-    """The folder with model.onnx: an export folder as it is, or a checkpoint exported first into `work`."""
-    from runtimes.onnxruntime import MODEL_FILE
-
-    if src.is_dir() and (src / MODEL_FILE).is_file():
-        return src
-    from exporters.onnx import check_opset, check_variant
-    from exporters.onnx import export as export_onnx_folder
-
-    check_opset(opset)
-    bundle = loader.load(src)
-    check_variant(bundle, variant)
-    folder = work / "fp32"
-    err.print(f"exporting {src} to ONNX ({variant}, opset {opset}) first")
-    export_onnx_folder(bundle, folder, variant, opset, True, False, threads)
-    return folder
-
-
-def _quantize_onnx(kind: str, src: Path, dest: Path | None, force: bool, variant: str, opset: int, threads: int,
-                   loader: LoaderOptions, **options) -> None:
-    import tempfile
-    import time
-
-    from exporters.onnx.quantize import quantize_onnx_folder
-    from toolkit.core.outputs import check_destination
-
-    dest = dest or _default_dest(src, f"-onnx-{kind}")
-    check_destination(dest, force)
-    t0 = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="toolkit-quant-", dir=dest.parent if dest.parent.exists() else None) as tmp:
-        folder = _onnx_source(src, variant, opset, Path(tmp), loader, threads)
-        report = quantize_onnx_folder(folder, dest, kind, force=force, threads=threads, **options)
-    v = report["verification"]
-    err.print(f"{kind} ONNX: {report['size_bytes'] / 1e6:.1f} MB (fp32 {report['source_size_bytes'] / 1e6:.1f} MB), "
-              f"{report['quantized_matmuls']} of {report['matmuls']} MatMuls quantized, lm_head "
-              f"{report['lm_head']}; {time.perf_counter() - t0:.1f} s; verified against the fp32 graph "
-              f"({_verified(v)})")
-    out.print(str(dest))
-
-
-@quantize_app.command("int8")
-@loader_options
-def quantize_int8(
-    src: Annotated[Path, typer.Argument(help="A checkpoint, or an ONNX export folder (--format onnx).")],
-    out_dir: Annotated[Optional[Path], typer.Option("-o", "--out", help="Output folder.")] = None,
-    fmt: FormatOpt = "auto",
-    variant: SourceVariantOpt = "ort",
-    opset: SourceOpsetOpt = 20,
-    threads: VerifyThreadsOpt = 1,
-    force: ForceOpt = False,
-    loader: LoaderOptions = LoaderOptions(),
-):
-    """INT8. hf: weight-only, symmetric per output channel (int8 weights + fp32 scales, quant_method toolkit_int8)
-    for every linear layer of the decoder blocks. onnx: ONNX Runtime dynamic quantization (int8 weights per output
-    channel, activations quantized per call), every MatMul including the lm_head."""
-    if _format(fmt, src) == "onnx":
-        _quantize_onnx("int8", src, out_dir, force, variant, opset, threads, loader)
-    else:
-        _quantize_checkpoint("int8", src, out_dir, force, loader, None, "cpu")
-
-
-@quantize_app.command("int4")
-@loader_options
-def quantize_int4(
-    src: Annotated[Path, typer.Argument(help="A checkpoint, or an ONNX export folder (--format onnx).")],
-    out_dir: Annotated[Optional[Path], typer.Option("-o", "--out", help="Output folder.")] = None,
-    fmt: FormatOpt = "auto",
-    method: Annotated[str, typer.Option(help="hf: gptq (calibrated, error-compensating) or rtn "
-                                             "(round-to-nearest). onnx: always RTN (MatMulNBits).")] = "gptq",
-    group_size: Annotated[Optional[int], typer.Option(help="Weights per scale: 32, 64, 128 or -1 (one per row). "
-                                                           "Default: 128 (hf), 32 (onnx).")] = None,
-    sym: Annotated[bool, typer.Option("--sym/--asym", help="Symmetric grid (zero point 8) or asymmetric "
-                                                           "(min/max per group). hf only.")] = True,
-    act_order: Annotated[bool, typer.Option(help="GPTQ: quantize columns in order of decreasing Hessian "
-                                                 "diagonal (static groups, so g_idx stays i // group).")] = False,
-    calib: Annotated[Optional[Path], typer.Option(help="GPTQ calibration text. Default: the checkpoint's "
-                                                       "calib.txt (a sample of its training split).")] = None,
-    nsamples: Annotated[int, typer.Option(help="GPTQ: calibration samples (at most).")] = 128,
-    seqlen: Annotated[int, typer.Option(help="GPTQ: tokens per calibration sample.")] = 512,
-    damp: Annotated[float, typer.Option(help="GPTQ: dampening, as a fraction of the mean Hessian diagonal "
-                                             "(raised ×10 and reported if Cholesky fails).")] = 0.01,
-    device: Annotated[str, typer.Option(help="GPTQ compute device: auto, cpu or cuda.")] = "auto",
-    lm_head_bits: Annotated[int, typer.Option(help="onnx: bits of the lm_head (8 keeps the most sensitive matmul "
-                                                   "accurate; 4 is smaller).")] = 8,
-    embed_bits: Annotated[int, typer.Option(help="hf: bits of the token embedding (the output head too when tied): "
-                                                 "16 keeps it as stored, loadable by transformers/GPTQModel; 8 "
-                                                 "stores it int8 per row, half the size, read by this toolkit's "
-                                                 "runtimes and exporters only.")] = 16,
-    variant: SourceVariantOpt = "ort",
-    opset: SourceOpsetOpt = 20,
-    threads: VerifyThreadsOpt = 1,
-    force: ForceOpt = False,
-    loader: LoaderOptions = LoaderOptions(),
-):
-    """INT4. hf: GPTQ or RTN of every linear layer of the decoder blocks, saved as GPTQ-v1 tensors (qweight,
-    qzeros, scales, g_idx; quant_method gptq). onnx: MatMulNBits (symmetric, blockwise round-to-nearest,
-    accuracy_level=4: int8 activations in the dot products), lm_head at --lm-head-bits; a GPTQ checkpoint's
-    weights go into MatMulNBits as they are."""
-    if _format(fmt, src) == "onnx":
-        group_size = group_size or 32
-        if group_size not in (16, 32, 64, 128, 256):
-            raise ToolkitError(f"--group-size {group_size} is not supported by MatMulNBits",
-                               "choose 16, 32, 64, 128 or 256")
-        if lm_head_bits not in (4, 8):
-            raise ToolkitError(f"--lm-head-bits {lm_head_bits} is not supported", "choose 4 or 8")
-        _quantize_onnx("int4", src, out_dir, force, variant, opset, threads, loader, group_size=group_size,
-                       lm_head_bits=lm_head_bits)
-        return
-    from quant.checkpoint import Int4Options
-
-    if method not in ("gptq", "rtn"):
-        raise ToolkitError(f"unknown --method '{method}'", "use gptq or rtn")
-    if seqlen < 1 or nsamples < 1 or not 0 < damp <= 1:
-        raise ToolkitError("--seqlen and --nsamples must be positive and --damp in (0, 1]",
-                           "the defaults are 512, 128 and 0.01")
-    if embed_bits not in (16, 8):
-        raise ToolkitError(f"--embed-bits {embed_bits} is not supported", "use 16 (as stored) or 8")
-    opts = Int4Options(method=method, group_size=group_size or 128, sym=sym, act_order=act_order, damp=damp,
-                       nsamples=nsamples, seqlen=seqlen, calib=calib, embed_bits=embed_bits)
-    _quantize_checkpoint("int4", src, out_dir, force, loader, opts, device)
-
-
-def _format(fmt: str, src: Path) -> str:
-    from runtimes.onnxruntime import MODEL_FILE
-
-    if fmt not in ("auto", "hf", "onnx"):
-        raise ToolkitError(f"unknown --format '{fmt}'", "use hf, onnx or auto")
-    if fmt == "auto":
-        return "onnx" if (src / MODEL_FILE).is_file() else "hf"
-    return fmt
-
-
-def _quantize_checkpoint(kind: str, src: Path, dest: Path | None, force: bool, loader: LoaderOptions, opts,
-                         device: str) -> None:
-    import shutil
-
-    from quant.checkpoint import check_group_size, quantize_checkpoint, refuse_quantized
-    from toolkit.app.progress import count_progress
-    from toolkit.core.manifest import SourceHash
-    from toolkit.core.outputs import atomic_output, check_destination
-
-    suffix = "-int8" if kind == "int8" else f"-{opts.method}4-g{opts.group_size}"
-    dest = dest or _default_dest(src, suffix)
-    check_destination(dest, force)
-    bundle = loader.load(src)
-    refuse_quantized(bundle)
-    if opts is not None:
-        check_group_size(bundle, opts.group_size)
-        if opts.method == "gptq":
-            from quant.checkpoint import calibration_ids
-
-            calibration_ids(bundle, opts)  # bad calibration text fails before any work
-    if device == "auto":
-        import torch
-
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    what = "layers" if opts is not None and opts.method == "gptq" else "linear layers"
-    source_hash = SourceHash(bundle.provenance)
-    with atomic_output(dest, force, directory=True) as work:
-        with count_progress(err, f"{kind} {what}") as progress:
-            try:
-                report = quantize_checkpoint(bundle, work, kind, opts, device, progress)
-            except FloatingPointError as e:
-                raise ToolkitError(f"quantization failed: {e}", "raise --damp or give more calibration text")
-        from quant.checkpoint import verify_checkpoint, write_checkpoint_manifest
-
-        report["verification"] = verify_checkpoint(bundle, work, kind)
-        base = Path(bundle.provenance.get("path", src))
-        for side in ("heldout.txt", "calib.txt"):  # the baseline's texts travel with the quantized model
-            file = (base if base.is_dir() else base.parent) / side
-            if file.is_file():
-                shutil.copy2(file, work / side)
-        write_checkpoint_manifest(bundle, work, dest.name, kind, report, source_hash)
-    size = sum(f.stat().st_size for f in dest.glob("*.safetensors"))
-    extra = ""
-    if "calibration" in report:
-        c = report["calibration"]
-        extra = f", calibrated on {c['samples']} x {c['seqlen']} tokens"
-    if report.get("damp_raised"):
-        extra += f"; dampening raised for {len(report['damp_raised'])} layers (Cholesky failed)"
-    err.print(f"{kind} {report['quantized_linears']} linear layers in {report['seconds']:.1f} s{extra}; "
-              f"weights {size / 1e6:.1f} MB; verified ({_verified(report['verification'])})")
-    print(dest)
+export_app = _target_group("export", "Export a checkpoint to a runtime's format, verified against the reference "
+                                     "model before it is kept.")
+quantize_app = _target_group("quantize", "Quantize weights to INT8 or INT4.")
 
 
 # --- eval-parity -----------------------------------------------------------------------------------------------
@@ -606,7 +262,7 @@ def eval_parity(
     """Put the baseline and every artifact on the same text: PPL, bits per byte, KLD, same-top-token, RMS Δp,
     prefill/decode speed, size, peak memory. Each artifact runs in a fresh process; a row that fails is reported and
     the others still run. Exit 1 when a row failed or a gate is breached."""
-    from toolkit.app.parity import ParityOptions, breaches, evaluate
+    from toolkit.app.parity import ParityOptions, breaches, evaluate, with_runtimes
     from toolkit.app.parity import report as parity_report
     from toolkit.app.progress import count_progress
     from toolkit.core.errors import VerificationError
@@ -614,23 +270,13 @@ def eval_parity(
 
     if threads <= 0 or repeats <= 0:
         raise ToolkitError("--threads and --repeats must be positive", "pass e.g. --threads 1 --repeats 3")
-    from runtimes import RUNTIMES
-    from toolkit.app.parity import WITH_RUNTIMES
-
-    with_runtimes = []
-    for name in [n.strip() for n in (with_ or "").split(",") if n.strip()]:
-        if name not in WITH_RUNTIMES:
-            raise ToolkitError(f"unknown --with '{name}'", f"choose from: {', '.join(WITH_RUNTIMES)}")
-        if WITH_RUNTIMES[name] not in RUNTIMES:
-            raise ToolkitError(f"--with {name} needs bitsandbytes, which is not installed",
-                               "pip install 'edge-toolkit[quant]' (bitsandbytes==0.50.2)")
-        with_runtimes.append(WITH_RUNTIMES[name])
-    dest = out_dir or _default_dest(ckpt, "-parity")
+    extra_rows = with_runtimes(with_)
+    dest = out_dir or beside(ckpt, "-parity")
     check_destination(dest, force)
     overrides = loader.overrides()
     opts = ParityOptions(ckpt=ckpt, artifacts=list(artifacts or []), text=text, ctx=ctx, device=device,
                          threads=threads, repeats=repeats, max_kld=max_kld, max_ppl_delta=max_ppl_delta,
-                         overrides=overrides, with_runtimes=with_runtimes)
+                         overrides=overrides, with_runtimes=extra_rows)
     with count_progress(err, "baseline chunks") as progress:
         result = evaluate(opts, progress=progress, log=lambda line: err.print(line))
     with atomic_output(dest, force, directory=True) as work:

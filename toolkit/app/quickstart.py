@@ -23,9 +23,10 @@ PARITY_CTX = 256
 
 def run(dest: Path, force: bool = False, threads: int = 2, steps: int | None = None, repeats: int = 3,
         log: Callable[[str], None] = print, train_progress=None) -> dict:
-    from exporters import EXPORTERS, available
-    from exporters.gguf import export as export_gguf
-    from exporters.onnx import export as export_onnx
+    import importlib.util
+
+    from exporters.gguf.exporter import export as export_gguf
+    from exporters.onnx.exporter import export as export_onnx
     from exporters.onnx.quantize import quantize_onnx_folder
     from toolkit.app.parity import ParityOptions, evaluate
     from toolkit.app.parity import report as parity_report
@@ -64,9 +65,11 @@ def run(dest: Path, force: bool = False, threads: int = 2, steps: int | None = N
             q = quantize_onnx_folder(onnx_fp32, work / f"onnx-{kind}", kind, threads=threads)
             artifacts.append(work / f"onnx-{kind}")
             stage(f"ONNX {kind} ({q['size_bytes'] / 1e6:.1f} MB, lm_head {q['lm_head']})", t)
-        if available("mnn"):  # registered where the MNN wheel is installed
+        if importlib.util.find_spec("MNN") is not None:  # where the MNN wheel is installed
+            from exporters.mnn.exporter import export as export_mnn
+
             t = time.perf_counter()
-            report = EXPORTERS["mnn"].export(bundle, work / "mnn-4bit", bits=4, group_size=64, threads=threads)
+            report = export_mnn(bundle, work / "mnn-4bit", bits=4, group_size=64, threads=threads)
             artifacts.append(work / "mnn-4bit")
             stage(f"MNN 4-bit g64 ({report.size_bytes / 1e6:.1f} MB, verified in MNN: max |dlogit| "
                   f"{report.verification['max_abs_diff']:.2g})", t)

@@ -51,7 +51,7 @@ class TrainOptions:
     num_layers: int = 4
     num_heads: int = 4
     num_kv_heads: int = 2
-    intermediate_size: int = 768
+    intermediate_size: int | None = None  # None: the family's default (FFN_DEFAULT)
     rope_theta: float = 1e6
     rms_norm_eps: float = 1e-5
     seq_len: int = 256
@@ -214,6 +214,8 @@ def pick_device(name: str) -> torch.device:
 
 
 TRAINABLE = ("llama", "qwen3", "nanochat")
+# the MLP width when --ffn is not given: MiniMind's 768 at hidden 256; NanoChat's 4 x hidden
+FFN_DEFAULT = {"llama": lambda hidden: 768, "qwen3": lambda hidden: 768, "nanochat": lambda hidden: 4 * hidden}
 
 
 def build_config(opts: TrainOptions, tokenizer: Tokenizer) -> ArchConfig:
@@ -264,6 +266,8 @@ RECIPE = ("texts", "with_default_corpus", "heldout_frac", "tokenizer", "vocab_si
 
 
 def validate_options(opts: TrainOptions) -> None:
+    if opts.intermediate_size is None:  # an unknown --arch is refused by build_config, with the list
+        opts.intermediate_size = FFN_DEFAULT.get(opts.arch, FFN_DEFAULT["llama"])(opts.hidden_size)
     positive = {"steps": opts.steps, "batch-size": opts.batch_size, "grad-accum": opts.grad_accum,
                 "eval-every": opts.eval_every, "save-every": opts.save_every, "layers": opts.num_layers,
                 "hidden": opts.hidden_size, "heads": opts.num_heads, "kv-heads": opts.num_kv_heads,

@@ -167,3 +167,9 @@ def summary(fig: dict) -> str:
     return (f"max |Δlogit| {fig['max_abs_diff']:.3g} ({fig['rel_err']:.2e} of the largest logit), "
             f"KLD mean {fig['kld_mean']:.2e} p99 {fig['kld_p99']:.2e}, top-1 {100 * fig['top1']:.1f}% "
             f"over {fig['positions']} positions")
+
+
+def verified_line(fig: dict) -> str:
+    """The figures and the bar they were judged by, for the closing line of an export or quantization."""
+    bar = ", ".join(f"{k.replace('max_', '').replace('min_', '')} {val:g}" for k, val in fig["bar"].items())
+    return f"{summary(fig)}; bar for {fig['judged_as']}: {bar}"

@@ -22,6 +22,7 @@ from toolkit.core.errors import ToolkitError
 SCHEMA = 1
 BENCH_PROMPT, BENCH_NEW = 512, 128  # llama-bench's pp512 / tg128
 ROW_TIMEOUT = 1800
+TOKENIZER_CHARS = 20_000  # of the scored text, tokenized by each row's own tokenizer and compared
 
 
 @dataclass
@@ -40,7 +41,22 @@ class ParityOptions:
     with_runtimes: list[str] = field(default_factory=list)  # rows of the checkpoint itself in these runtimes (bnb)
 
 # --with names -> runtimes that quantize the checkpoint in memory
-WITH_RUNTIMES = {"bnb-int8": "bnb_int8", "bnb-nf4": "bnb_nf4"}
+def with_runtimes(names: str | None) -> list[str]:
+    """`--with a,b`: the runtimes that run the checkpoint itself as extra rows (declared with a with_name, e.g.
+    bitsandbytes' in-memory quantizers), refused by name when unknown or not installed."""
+    import runtimes
+
+    offered = {spec.with_name: spec for spec in runtimes.declared() if spec.with_name}
+    chosen = []
+    for name in [n.strip() for n in (names or "").split(",") if n.strip()]:
+        if name not in offered:
+            raise ToolkitError(f"unknown --with '{name}'", f"choose from: {', '.join(offered)}")
+        spec = offered[name]
+        if not runtimes.installed(spec):
+            raise ToolkitError(f"--with {name} needs {spec.engine}, which is not installed",
+                               f"pip install 'edge-toolkit[{spec.extra or spec.engine}]'")
+        chosen.append(spec.name)
+    return chosen
 
 
 def read_text(path: Path) -> str:
@@ -83,6 +99,14 @@ def runtime_for(artifact: Path) -> str | None:
     from runtimes import handling
 
     return handling(artifact)
+
+
+def beside_runtimes(artifact: Path) -> list[str]:
+    """Runtimes that also score every artifact they open, as rows of their own (onnxruntime-genai beside ONNX
+    Runtime for folders with genai_config.json)."""
+    from runtimes import registry
+
+    return [spec.name for spec in registry().values() if spec.beside and spec.handles(artifact)]
 
 
 def artifact_size(artifact: Path) -> int:
@@ -230,17 +254,26 @@ def evaluate(opts: ParityOptions, progress=None, log=print) -> dict:
     with tempfile.TemporaryDirectory(prefix="toolkit-parity-") as tmpdir:
         work = Path(tmpdir)
         np.save(work / "tokens.npy", chunks)
+        # every row scores the checkpoint's token ids; each also says whether its own tokenizer makes the same ids
+        sample = text[:TOKENIZER_CHARS]
         spec = {"tokens": str(work / "tokens.npy"), "baseline": str(cache), "threads": opts.threads,
                 "repeats": opts.repeats, "device": device, "bench_prompt": len(prompt), "bench_new": BENCH_NEW,
-                "baseline_nll_mean": float(nll.mean()), "n_bytes": n_bytes}
-        items = [(a, runtime_for(a)) for a in opts.artifacts] + [(opts.ckpt, r) for r in opts.with_runtimes]
+                "baseline_nll_mean": float(nll.mean()), "n_bytes": n_bytes, "tokenizer_text": sample,
+                "tokenizer_ids": tok.encode(sample, add_bos=False)}
+        items = []
+        for artifact in opts.artifacts:
+            first = runtime_for(artifact)
+            items += [(artifact, first)] + [(artifact, name) for name in beside_runtimes(artifact) if name != first]
+        items += [(opts.ckpt, r) for r in opts.with_runtimes]
         for i, (artifact, runtime) in enumerate(items):
             if runtime in opts.with_runtimes:
                 row = {"name": f"{artifact.name} ({runtime})", "runtime": runtime,
                        "format": f"bitsandbytes {runtime.removeprefix('bnb_')}", "path": str(artifact),
                        "size_bytes": bnb_weight_bytes(bundle, runtime)}
             else:
-                row = {"name": artifact.name, "runtime": runtime, "format": artifact_format(artifact, runtime),
+                beside = runtime != runtime_for(artifact)
+                row = {"name": f"{artifact.name} ({runtime})" if beside else artifact.name, "runtime": runtime,
+                       "format": artifact_format(artifact, runtime),
                        "path": str(artifact), "size_bytes": artifact_size(artifact)}
             row["bits_per_weight"] = 8.0 * row["size_bytes"] / n_params
             log(f"[{i + 1}/{len(items)}] {artifact} ({runtime or 'no runtime'})")
@@ -248,6 +281,9 @@ def evaluate(opts: ParityOptions, progress=None, log=print) -> dict:
                 row.update(status="failed", error="no installed runtime opens this artifact")
             else:
                 row.update(run_row(artifact, runtime, spec, work, i))
+            check = row.get("tokenizer")
+            if check and not check["same"] and check.get("ours") is not None:
+                check["ours_text"] = tok.decode([check["ours"]])
             rows.append(row)
     return {"schema": SCHEMA, "checkpoint": str(opts.ckpt), "baseline": baseline, "rows": rows,
             "gates": {"max_kld": opts.max_kld, "max_ppl_delta_pct": opts.max_ppl_delta},
@@ -277,6 +313,10 @@ def breaches(result: dict) -> list[str]:
         if row["status"] != "ok":
             out.append(f"{row['name']}: failed ({row['error']})")
             continue
+        if row.get("tokenizer") and not row["tokenizer"]["same"]:
+            from toolkit.app.parity.metrics import tokenizer_difference
+
+            out.append(f"{row['name']}: {tokenizer_difference(row['tokenizer'])}")
         if gates["max_kld"] is not None and row["kld_mean"] > gates["max_kld"]:
             out.append(f"{row['name']}: mean KLD {row['kld_mean']:.6f} > --max-kld {gates['max_kld']}")
         if gates["max_ppl_delta_pct"] is not None and row["ppl_delta_pct"] > gates["max_ppl_delta_pct"]:

@@ -110,3 +110,10 @@ def summarize(c: Comparison, baseline_nll_mean: float, n_bytes: int) -> dict:
         "same_top_pct": 100.0 * same, "same_top_err_pct": 100.0 * float(np.sqrt(same * (1 - same) / max(n - 1, 1))),
         "rms_dp_pct": 100.0 * float(np.sqrt((c.dp ** 2).mean())), "n_scored": n,
     }
+
+
+def tokenizer_difference(check: dict) -> str:
+    """A row's tokenizer check (worker.tokenizer_check) that failed, as the report says it."""
+    return (f"its tokenizer differs from the checkpoint's at token {check['index']} of {check['checked_tokens']}: "
+            f"{check.get('ours')} {check.get('ours_text', '')!r} vs its {check.get('theirs')} "
+            f"{check.get('theirs_text', '')!r} (scored on the checkpoint's ids)")

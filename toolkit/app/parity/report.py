@@ -26,8 +26,15 @@ def table_rows(result: dict) -> list[list[str]]:
                      f"{r['ppl_delta_pct']:+.3f}", f"{r['kld_mean']:.6f}", f"{r['same_top_pct']:.2f}",
                      f"{r['rms_dp_pct']:.3f}", f"{r['prefill_tps']:.0f} ± {r['prefill_tps_std']:.0f}",
                      f"{r['decode_tps']:.1f} ± {r['decode_tps_std']:.1f}",
-                     f"{r['peak_rss_bytes'] / 1e6:.0f}", "ok"])
+                     f"{r['peak_rss_bytes'] / 1e6:.0f}", _status(r)])
     return rows
+
+
+def _status(row: dict) -> str:
+    from toolkit.app.parity.metrics import tokenizer_difference
+
+    check = row.get("tokenizer")
+    return "ok" if not check or check["same"] else tokenizer_difference(check)
 
 
 HEADER = ["artifact", "format", "size MB", "PPL", "ΔPPL %", "KLD mean", "same top %", "RMS Δp %", "prefill tok/s",

@@ -26,6 +26,20 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def tokenizer_check(rt, text: str, want: list[int]) -> dict:
+    """Whether the artifact tokenizes the scored text as the checkpoint does (its runtime's own tokenizer: a GGUF's
+    vocabulary, a folder's tokenizer.json). A leading BOS the runtime adds is not a difference."""
+    got = list(rt.prompt_ids(text))
+    if got[1:] == want and got[:1] != want[:1]:
+        got = got[1:]
+    if got == want:
+        return {"same": True, "checked_tokens": len(want)}
+    i = next(k for k, (a, b) in enumerate(zip(want + [-1], got + [-2])) if a != b)
+    theirs = got[i] if i < len(got) else None
+    return {"same": False, "checked_tokens": len(want), "index": i, "ours": want[i] if i < len(want) else None,
+            "theirs": theirs, "theirs_text": rt.detokenize([theirs]) if theirs is not None else ""}
+
+
 def run(spec: dict) -> dict:
     from runtimes import RUNTIMES
     from toolkit.app.parity.metrics import BaselineRecord, Comparison, compare_rows, summarize
@@ -43,6 +57,7 @@ def run(spec: dict) -> dict:
     rt = runtime.load(spec["artifact"], threads=spec["threads"], device=device,
                       ctx=max(ctx, len(prompt) + spec["bench_new"] + 8))
     load_seconds = time.perf_counter() - t0
+    tokenizer = tokenizer_check(rt, spec["tokenizer_text"], spec["tokenizer_ids"])
     per = ctx - 1 - ctx // 2
     parts = []
     for i, chunk in enumerate(chunks):
@@ -52,6 +67,7 @@ def run(spec: dict) -> dict:
     row.update(time_generation(rt, prompt, spec["bench_new"], spec["repeats"]))
     row["bench"] = f"pp{len(prompt)} tg{spec['bench_new']}"
     row["load_seconds"] = load_seconds
+    row["tokenizer"] = tokenizer
     row["device"] = device
     row["label"] = getattr(rt, "label", spec["runtime"])
     row["peak_rss_bytes"] = peak_rss_bytes()

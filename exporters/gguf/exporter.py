@@ -1,0 +1,140 @@
+"""`toolkit export gguf`: write, verify in llama.cpp against the reference model, then move into place.
+
+torch is imported by the verification only: with --no-verify a safetensors checkpoint is converted without it."""
+from __future__ import annotations
+
+import contextlib
+import io
+from collections import Counter
+from pathlib import Path
+from typing import Callable
+
+from exporters.gguf.modelfile import write_modelfile
+from exporters.gguf.tensors import OUTTYPES, gptq_q4_0_exact
+from exporters.gguf.writer import GGUFReport, write_gguf, write_manifest
+from toolkit.core.bundle import ModelBundle
+from toolkit.core.errors import ToolkitError, VerificationError
+from toolkit.core.fd_redirect import redirected
+from toolkit.core.manifest import SourceHash, manifest_path
+from toolkit.core.outputs import atomic_output, check_destination
+from toolkit.core.targets import Outcome, RunContext
+
+# router-logit gap below which llama.cpp, computing at the type's precision, may pick the other expert of a near-tie
+# (toolkit/core/routing_ties.py): q8_0 files were seen to flip gaps up to ~0.02
+ROUTER_GAP = {"f32": 1e-4, "f16": 0.02, "bf16": 0.05, "q8_0": 0.05, "q4_0": 0.2, "q6_k": 0.05, "q5_k_m": 0.1,
+              "q4_k_m": 0.2}
+# Types made by llama.cpp's own quantizer (llama_model_quantize) from an f32 file we write first: the K-quants, and
+# q4_0, whose file type keeps the output matrix (the embedding, when tied) at Q6_K/Q8_0 as llama.cpp's does
+LLAMA_QUANTIZED = {"q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M", "q5_k_m": "LLAMA_FTYPE_MOSTLY_Q5_K_M",
+                   "q6_k": "LLAMA_FTYPE_MOSTLY_Q6_K", "q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0"}
+KQUANTS = {k: v for k, v in LLAMA_QUANTIZED.items() if k != "q4_0"}
+ALL_TYPES = [*OUTTYPES, *KQUANTS]
+# the tokenizer check: a text of every kind llama.cpp's pre-tokenizers treat differently
+TOKENIZER_TEXT = ("The quick brown fox jumps over the lazy dog. def main():\n    return 42\n"
+                  "你好，世界！今天是2024年3月15日。 Ünïcödé ✓ 🙂🚀 I'M don't   \t\n\n 3.14159")
+
+
+def verify(bundle: ModelBundle, path: Path, outtype: str, threads: int = 1, verbose: bool = False) -> dict:
+    """llama.cpp's tokenization of a fixed text must equal the tokenizer's, and its logits on the verification text
+    must meet the type's bar against the reference model on the source weights (toolkit/core/verify.py)."""
+    from runtimes import RUNTIMES, Runtime
+    from toolkit.core.model import build_model
+    from toolkit.core.routing_ties import reference_logits
+    from toolkit.core.verify import VERIFY_TOKENS, judge, verification_ids
+
+    runtime: Runtime = RUNTIMES["llama_cpp"].load(path, threads=threads, ctx=max(256, VERIFY_TOKENS), verbose=verbose)
+    tok = bundle.tokenizer
+    hf_ids = tok.encode(TOKENIZER_TEXT, add_bos=False)
+    cpp_ids = runtime.prompt_ids(TOKENIZER_TEXT)  # llama.cpp's tokenization of a prompt: no BOS, no specials
+    if hf_ids != cpp_ids:
+        first = next(i for i, (a, b) in enumerate(zip(hf_ids + [-1], cpp_ids + [-2])) if a != b)
+        raise VerificationError(f"llama.cpp tokenizes differently from the Hugging Face tokenizer (first "
+                                f"difference at token {first}: {hf_ids[first:first + 1]} vs "
+                                f"{cpp_ids[first:first + 1]})", "the tokenizer cannot be represented in GGUF")
+    ids = verification_ids(tok, bundle.config.vocab_size)
+    got = runtime.logits(ids)
+    # MoE near-ties are routed as llama.cpp routed them; everything else is the source model as it is
+    ref, swapped = reference_logits(build_model(bundle), ids, got, ROUTER_GAP[outtype])
+    result = judge(ref, got, f"gguf:{outtype}", f"llama.cpp's logits for {path.name.split('.partial-')[0]}")
+    return {**result, "tokenizer_match": True, "tokenizer_text_tokens": len(hf_ids),
+            "near_tie_routes_followed": swapped}
+
+
+def export(bundle: ModelBundle, out: Path, outtype: str = "f16", verify_file: bool = True, force: bool = False,
+           threads: int = 1, verbose: bool = False,
+           progress: Callable[[str, int, int], None] | None = None) -> GGUFReport:
+    if outtype not in ALL_TYPES:
+        raise ToolkitError(f"unknown GGUF type '{outtype}'", f"choose one of: {', '.join(ALL_TYPES)}")
+    out = Path(out)
+    if out.suffix != ".gguf":
+        raise ToolkitError(f"{out} does not end in .gguf", "name the output FILE.gguf")
+    manifest = manifest_path(out)
+    modelfile = out.with_name(out.stem + ".Modelfile")
+    for dest in (out, manifest, modelfile):
+        check_destination(dest, force)
+    source_hash = SourceHash(bundle.provenance)
+    with atomic_output(out, force) as partial, atomic_output(manifest, force) as partial_manifest, \
+            atomic_output(modelfile, force) as partial_modelfile:
+        if outtype in LLAMA_QUANTIZED and not (outtype == "q4_0" and gptq_q4_0_exact(bundle)):
+            report = _k_quantize(bundle, partial, outtype, threads, progress)
+        else:
+            report = write_gguf(bundle, partial, outtype, progress)
+        if verify_file:
+            report.verification = verify(bundle, partial, outtype, threads, verbose)
+        report.path = str(out)
+        warning = write_modelfile(out, bundle.tokenizer, bundle.config.max_position_embeddings, partial_modelfile,
+                                  gguf_file=partial)
+        if warning:
+            report.warnings.append(warning)
+        write_manifest(report, bundle, partial_manifest, source_hash)
+    return report
+
+
+def _k_quantize(bundle: ModelBundle, partial: Path, outtype: str, threads: int,
+                progress: Callable[[str, int, int], None] | None) -> GGUFReport:
+    """llama.cpp's quantizer on an f32 file; its per-tensor fallbacks (rows not a multiple of 256) are reported."""
+    import ctypes
+    import tempfile
+    import time
+
+    import llama_cpp
+
+    from exporters.gguf.readback import tensor_types
+
+    t0 = time.perf_counter()
+    source = partial.with_name(partial.name + ".f32")
+    try:
+        base = write_gguf(bundle, source, "f32", progress, direct=False)  # read again at once by the quantizer
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype = getattr(llama_cpp, LLAMA_QUANTIZED[outtype])
+        params.nthread = threads
+        # llama.cpp reports fallbacks through its log: on the C-level stderr, or through llama-cpp-python's
+        # Python log callback (sys.stderr); capture both
+        with tempfile.TemporaryFile() as log, contextlib.redirect_stderr(io.StringIO()) as py_log:
+            with redirected(2, log.fileno()):
+                rc = llama_cpp.llama_model_quantize(str(source).encode(), str(partial).encode(), ctypes.byref(params))
+            log.seek(0)
+            lines = (log.read().decode("utf-8", "replace") + py_log.getvalue()).splitlines()
+    finally:
+        source.unlink(missing_ok=True)
+    if rc != 0:
+        raise ToolkitError(f"llama.cpp's quantizer failed ({rc}): {' '.join(lines[-2:])[:300]}",
+                           "rerun with --verbose; try --outtype q8_0")
+    fallbacks = [" ".join(line.replace("warning:", "").split()) for line in lines if "falling back" in line]
+    return GGUFReport(str(partial), base.arch, outtype, partial.stat().st_size, base.n_params, fallbacks,
+                      time.perf_counter() - t0, tensor_types=dict(Counter(tensor_types(partial).values())),
+                      warnings=base.warnings)
+
+
+def run(src: Path, dest: Path, opts, ctx: RunContext) -> Outcome:
+    """The target's entry (exporters/gguf/__init__.py): load, export, and the closing line."""
+    from toolkit.core.verify import verified_line
+
+    report = export(ctx.load(src), dest, opts.outtype, opts.verify, ctx.force, ctx.threads, ctx.verbose)
+    v = report.verification
+    checked = f"verified in llama.cpp ({verified_line(v)}), tokenizer identical" if v else "not verified"
+    types = ", ".join(f"{n} {k}" for k, n in sorted(report.tensor_types.items()))
+    return Outcome(dest, f"{report.arch} {opts.outtype}: {report.size_bytes / 1e6:.1f} MB, "
+                         f"{report.bits_per_weight:.2f} bits/weight ({types}), {report.seconds:.1f} s; {checked}",
+                   [("fallback", line) for line in report.fallbacks] + [("warning", w) for w in report.warnings],
+                   report)

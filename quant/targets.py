@@ -1,0 +1,48 @@
+"""`toolkit quantize int8|int4 --format hf`: the quantized-checkpoint targets (toolkit/core/targets.py). Light to
+import; the work is in quant/checkpoint.py."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from toolkit.core.targets import Target, beside, option
+
+
+@dataclass(frozen=True)
+class Int8Options:
+    """Nothing to choose: symmetric per output channel."""
+
+
+@dataclass
+class Int4Options:
+    method: str = option("gptq", "gptq (calibrated, error-compensating) or rtn (round-to-nearest).")
+    group_size: int = option(128, "Weights per scale: 32, 64, 128 or -1 (one per row).")
+    sym: bool = option(True, "Symmetric grid (zero point 8) or asymmetric (min/max per group).", "--sym/--asym")
+    act_order: bool = option(False, "GPTQ: quantize columns in order of decreasing Hessian diagonal (static "
+                                    "groups, so g_idx stays i // group).")
+    damp: float = option(0.01, "GPTQ: dampening, as a fraction of the mean Hessian diagonal (raised ×10 and "
+                               "reported if Cholesky fails).")
+    nsamples: int = option(128, "GPTQ: calibration samples (at most).")
+    seqlen: int = option(512, "GPTQ: tokens per calibration sample.")
+    calib: Optional[Path] = option(None, "GPTQ calibration text. Default: the checkpoint's calib.txt (a sample of "
+                                         "its training split).")
+    embed_bits: int = option(16, "Bits of the token embedding (the output head too when tied): 16 keeps it as "
+                                 "stored, loadable by transformers/GPTQModel; 8 stores it int8 per row, half the "
+                                 "size, read by this toolkit's runtimes and exporters only.")
+    device: str = option("auto", "GPTQ compute device: auto, cpu or cuda.")
+
+
+CHECKPOINT = dict(command="quantize", format="hf", module="quant.checkpoint", default=True, input_name="SRC",
+                  input_help="A checkpoint, or an ONNX export folder (--format onnx).", output_help="Output folder.")
+
+TARGETS = (
+    Target(name="int8", summary="a quantized checkpoint (Hugging Face folder)", entry="run_int8", options=Int8Options,
+           help="Weight-only, symmetric per output channel (int8 weights + fp32 scales, quant_method toolkit_int8) "
+                "for every linear layer of the decoder blocks.",
+           default_dest=lambda src, opts: beside(src, "-int8"), **CHECKPOINT),
+    Target(name="int4", summary="a quantized checkpoint (Hugging Face folder)", entry="run_int4", options=Int4Options,
+           help="GPTQ or RTN of every linear layer of the decoder blocks, saved as GPTQ-v1 tensors (qweight, "
+                "qzeros, scales, g_idx; quant_method gptq).",
+           default_dest=lambda src, opts: beside(src, f"-{opts.method}4-g{opts.group_size}"), **CHECKPOINT),
+)
