@@ -42,7 +42,7 @@ def parity_run(trained_model, tmp_path_factory):
     proc = run_cli("export", "gguf", trained_model, "-o", gguf, "--outtype", "f32")
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = root / "report"
-    proc = run_cli("eval-parity", trained_model, trained_model, gguf, "-o", out, "--ctx", CTX, "--repeats", "1",
+    proc = run_cli("eval-parity", trained_model, trained_model, gguf, "-o", out, "--ctx", CTX, "--repeats", "2",
                    "--device", "cpu", env={"XDG_CACHE_HOME": str(root / "cache")})
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads((out / "parity.json").read_text()), out, gguf, root
@@ -68,6 +68,9 @@ def test_baseline_against_itself_is_exact(parity_run):
     assert row["status"] == "ok" and row["runtime"] == "torch"
     assert row["kld_mean"] == 0.0 and row["same_top_pct"] == 100.0 and row["rms_dp_pct"] < 1e-9
     assert row["ppl"] == pytest.approx(result["baseline"]["ppl"], rel=1e-12)
+    # timed in two interleaved rounds, each row and the baseline once a round
+    assert len(result["baseline"]["decode_rounds"]) == len(row["decode_rounds"]) == 2
+    assert result["baseline"]["decode_ratio"] == 1.0 and row["decode_ratio"] > 0
 
 
 def test_gguf_row_equals_llama_perplexity_definition(parity_run, trained_model):
@@ -151,6 +154,7 @@ def test_report_markdown_and_png_carry_the_json_figures(parity_run, tmp_path):
         assert float(c["same top %"]) == pytest.approx(r["same_top_pct"], abs=5e-3)
         assert float(c["size MB"]) == pytest.approx(r["size_bytes"] / 1e6, abs=0.05)
         assert float(c["decode tok/s"].split(" ± ")[0]) == pytest.approx(r["decode_tps"], abs=0.05)
+        assert float(c["decode × baseline"].split(" ± ")[0]) == pytest.approx(r["decode_ratio"], abs=5e-4)
     # the picture: drawn again from parity.json alone it is the same image, pixel for pixel; drawn from figures
     # that differ in one row's KLD it is not
     shown = mpimg.imread(out / "parity.png")
@@ -161,3 +165,29 @@ def test_report_markdown_and_png_carry_the_json_figures(parity_run, tmp_path):
     plot(again, tmp_path / "moved.png")
     moved = mpimg.imread(tmp_path / "moved.png")
     assert moved.shape != shown.shape or not np.array_equal(moved, shown)
+
+
+def test_timing_rounds_interleave_rows_and_ratio_out_a_slow_spell(monkeypatch, tmp_path):
+    """Every round times every row once (order reversed every other round); a slow spell that halves every row's
+    speed in one round moves the tok/s figures but not the per-round ratios to the baseline."""
+    import toolkit.app.parity as parity
+
+    calls, speed = [], {"base": 100.0, "a": 200.0, "b": 50.0}
+
+    def fake_row(artifact, runtime, spec, work, index, mode="score"):
+        assert mode == "time"
+        key, rnd = str(index).rsplit("-", 1)
+        calls.append((int(rnd), key))
+        slow = 0.5 if rnd == "1" else 1.0  # the machine is busy during round 1
+        return {"status": "ok", "prefill_tps": 10 * speed[key] * slow, "decode_tps": speed[key] * slow,
+                "label": key, "peak_rss_bytes": 1}
+
+    monkeypatch.setattr(parity, "run_row", fake_row)
+    jobs = [("base", tmp_path, "torch", {}), ("a", tmp_path, "x", {}), ("b", tmp_path, "y", {})]
+    out = parity.time_rounds(jobs, {}, tmp_path, 3, log=lambda line: None)
+    assert calls == [(0, "base"), (0, "a"), (0, "b"), (1, "b"), (1, "a"), (1, "base"),
+                     (2, "base"), (2, "a"), (2, "b")]
+    assert out["a"]["decode_ratio"] == pytest.approx(2.0) and out["a"]["decode_ratio_std"] == pytest.approx(0.0)
+    assert out["b"]["decode_ratio"] == pytest.approx(0.5) and out["b"]["decode_ratio_std"] == pytest.approx(0.0)
+    assert out["a"]["decode_tps"] == pytest.approx(200.0) and out["a"]["decode_tps_std"] > 50
+    assert out["a"]["decode_rounds"] == [200.0, 100.0, 200.0]

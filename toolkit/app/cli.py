@@ -247,8 +247,13 @@ def eval_parity(
                                           "(llama-perplexity's default 512; PROTOCOL uses 256).")] = 512,
     device: Annotated[str, typer.Option(help="Baseline device: auto (CUDA fp16 when present, else CPU fp32), "
                                              "cuda, or cpu; artifacts run on it where their runtime can.")] = "auto",
-    threads: Annotated[int, typer.Option(help="CPU threads for every runtime.")] = 1,
-    repeats: Annotated[int, typer.Option(help="Timed generations per row (median ± std).")] = 3,
+    threads: Annotated[int, typer.Option(help="CPU threads of the timed generations (1: what these speed figures "
+                                              "are quoted at).")] = 1,
+    score_threads: Annotated[Optional[int], typer.Option(help="CPU threads for scoring the text (default: every "
+                                                              "core).")] = None,
+    repeats: Annotated[int, typer.Option(help="Timing rounds: each round times every row once, each in a fresh "
+                                              "process, interleaved (median ± std, and each row's per-round ratio "
+                                              "to the baseline).")] = 3,
     max_kld: Annotated[Optional[float], typer.Option(help="Gate: exit 1 if a row's mean KLD exceeds this.")] = None,
     max_ppl_delta: Annotated[Optional[float], typer.Option(help="Gate: exit 1 if a row's PPL exceeds the "
                                                                 "baseline's by more than this many percent.")] = None,
@@ -268,15 +273,16 @@ def eval_parity(
     from toolkit.core.errors import VerificationError
     from toolkit.core.outputs import atomic_output, check_destination
 
-    if threads <= 0 or repeats <= 0:
-        raise ToolkitError("--threads and --repeats must be positive", "pass e.g. --threads 1 --repeats 3")
+    if threads <= 0 or repeats <= 0 or (score_threads is not None and score_threads <= 0):
+        raise ToolkitError("--threads, --score-threads and --repeats must be positive",
+                           "pass e.g. --threads 1 --repeats 3")
     extra_rows = with_runtimes(with_)
     dest = out_dir or beside(ckpt, "-parity")
     check_destination(dest, force)
     overrides = loader.overrides()
     opts = ParityOptions(ckpt=ckpt, artifacts=list(artifacts or []), text=text, ctx=ctx, device=device,
                          threads=threads, repeats=repeats, max_kld=max_kld, max_ppl_delta=max_ppl_delta,
-                         overrides=overrides, with_runtimes=extra_rows)
+                         overrides=overrides, with_runtimes=extra_rows, score_threads=score_threads)
     with count_progress(err, "baseline chunks") as progress:
         result = evaluate(opts, progress=progress, log=lambda line: err.print(line))
     with atomic_output(dest, force, directory=True) as work:

@@ -32,13 +32,14 @@ class ParityOptions:
     text: Path | None = None
     ctx: int = 512
     device: str = "auto"
-    threads: int = 1
-    repeats: int = 3
+    threads: int = 1  # timing threads (decode speed: 1 on these machines)
+    repeats: int = 3  # interleaved timing rounds
     max_kld: float | None = None
     max_ppl_delta: float | None = None
     cache_dir: Path | None = None
     overrides: dict = field(default_factory=dict)
     with_runtimes: list[str] = field(default_factory=list)  # rows of the checkpoint itself in these runtimes (bnb)
+    score_threads: int | None = None  # scoring threads (None: every core); timing keeps `threads`
 
 # --with names -> runtimes that quantize the checkpoint in memory
 def with_runtimes(names: str | None) -> list[str]:
@@ -166,19 +167,12 @@ def compute_baseline(bundle, chunks: np.ndarray, device: str, dtype: str, progre
     return BaselineRecord.concat(records)
 
 
-def baseline_speed(bundle, prompt: list[int], device: str, dtype: str, threads: int, repeats: int) -> dict:
-    from runtimes import RUNTIMES
-    from toolkit.app.parity.speed import time_generation
-
-    rt = RUNTIMES["torch"].load(bundle, threads=threads, device=device, dtype=dtype)
-    return {**time_generation(rt, prompt, BENCH_NEW, repeats), "label": rt.label}
-
-
-def run_row(artifact: Path, runtime: str, spec: dict, work: Path, index: int) -> dict:
-    """One artifact in a fresh process; a failure becomes a failed row with the worker's last stderr line."""
-    out = work / f"row{index}.json"
-    spec = {**spec, "artifact": str(artifact), "runtime": runtime, "out": str(out)}
-    spec_path = work / f"row{index}.spec.json"
+def run_row(artifact: Path, runtime: str, spec: dict, work: Path, index, mode: str = "score") -> dict:
+    """One job of an artifact in a fresh process (`mode` score or time); a failure becomes a failed row with the
+    worker's last stderr line."""
+    out = work / f"{mode}{index}.json"
+    spec = {**spec, "artifact": str(artifact), "runtime": runtime, "out": str(out), "mode": mode}
+    spec_path = work / f"{mode}{index}.spec.json"
     spec_path.write_text(json.dumps(spec))
     root = Path(__file__).resolve().parents[2]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
@@ -195,6 +189,47 @@ def run_row(artifact: Path, runtime: str, spec: dict, work: Path, index: int) ->
     row = json.loads(out.read_text())
     row["status"], row["error"], row["seconds"] = "ok", None, time.perf_counter() - t0
     return row
+
+
+def time_rounds(jobs: list[tuple], spec: dict, work: Path, repeats: int, log=print) -> dict:
+    """Decode and prefill speed in interleaved rounds: each round times every job once, each in a fresh process
+    (the order reversed every other round), so a slow spell of the shared machine lands on all of them. Per job:
+    median ± std of tok/s, and the median ± std of its per-round decode ratio to the first job (the baseline).
+    jobs: (key, artifact, runtime, extra spec). A job that fails a round is reported with its reason."""
+    runs: dict = {key: [] for key, *_ in jobs}
+    failed: dict = {}
+    for r in range(repeats):
+        order = jobs if r % 2 == 0 else jobs[::-1]
+        log(f"timing round {r + 1}/{repeats}: {len(order)} rows")
+        for key, artifact, runtime, extra in order:
+            if key in failed:
+                continue
+            got = run_row(artifact, runtime, {**spec, **extra}, work, f"{key}-{r}", mode="time")
+            if got["status"] != "ok":
+                failed[key] = got["error"]
+            else:
+                runs[key].append(got)
+    reference = runs[jobs[0][0]]
+    out = {}
+    for key, *_ in jobs:
+        if key in failed:
+            out[key] = {"status": "failed", "error": f"timing: {failed[key]}"}
+            continue
+        pre, dec = [g["prefill_tps"] for g in runs[key]], [g["decode_tps"] for g in runs[key]]
+        ratios = [g["decode_tps"] / b["decode_tps"] for g, b in zip(runs[key], reference)] if reference else []
+        (p, p_std), (d, d_std) = median_std(pre), median_std(dec)
+        ratio, ratio_std = median_std(ratios) if ratios else (None, None)
+        out[key] = {"prefill_tps": p, "prefill_tps_std": p_std, "decode_tps": d, "decode_tps_std": d_std,
+                    "decode_ratio": ratio, "decode_ratio_std": ratio_std, "decode_rounds": dec,
+                    "label": runs[key][0]["label"], "timing_peak_rss_bytes": max(g["peak_rss_bytes"]
+                                                                                 for g in runs[key])}
+    return out
+
+
+def median_std(xs: list[float]) -> tuple[float, float]:
+    import statistics
+
+    return statistics.median(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
 
 
 def evaluate(opts: ParityOptions, progress=None, log=print) -> dict:
@@ -243,12 +278,11 @@ def evaluate(opts: ParityOptions, progress=None, log=print) -> dict:
     prompt = [int(t) for t in chunks.reshape(-1)[:min(BENCH_PROMPT, bundle.config.max_position_embeddings - BENCH_NEW)]]
     log(f"baseline: torch {dtype} {device}, PPL {base.ppl:.4f} over {base.n_scored} scored tokens "
         f"({'cached' if cached else 'computed'}: {cache})")
-    speed = baseline_speed(bundle, prompt, device, dtype, opts.threads, opts.repeats)
     n_params = bundle.num_parameters()
     baseline = {"runtime": "torch", "device": device, "dtype": dtype, "ppl": base.ppl, "ppl_err": base.ppl_err,
                 "bpb": float(nll.sum() / np.log(2) / n_bytes), "n_tokens": len(tokens), "n_scored": base.n_scored,
                 "ctx": ctx, "text": str(text_path), "text_sha256": text_sha, "cache": str(cache),
-                "size_bytes": artifact_size(opts.ckpt), "n_params": n_params, **speed,
+                "size_bytes": artifact_size(opts.ckpt), "n_params": n_params,
                 "bench": f"pp{len(prompt)} tg{BENCH_NEW}"}
     rows = []
     with tempfile.TemporaryDirectory(prefix="toolkit-parity-") as tmpdir:
@@ -257,9 +291,10 @@ def evaluate(opts: ParityOptions, progress=None, log=print) -> dict:
         # every row scores the checkpoint's token ids; each also says whether its own tokenizer makes the same ids
         sample = text[:TOKENIZER_CHARS]
         spec = {"tokens": str(work / "tokens.npy"), "baseline": str(cache), "threads": opts.threads,
-                "repeats": opts.repeats, "device": device, "bench_prompt": len(prompt), "bench_new": BENCH_NEW,
+                "score_threads": opts.score_threads or os.cpu_count() or 1, "device": device, "bench_prompt": len(prompt), "bench_new": BENCH_NEW,
                 "baseline_nll_mean": float(nll.mean()), "n_bytes": n_bytes, "tokenizer_text": sample,
-                "tokenizer_ids": tok.encode(sample, add_bos=False)}
+                "tokenizer_ids": tok.encode(sample, add_bos=False),
+                "overrides": {k: str(v) if isinstance(v, Path) else v for k, v in opts.overrides.items()}}
         items = []
         for artifact in opts.artifacts:
             first = runtime_for(artifact)
@@ -285,10 +320,21 @@ def evaluate(opts: ParityOptions, progress=None, log=print) -> dict:
             if check and not check["same"] and check.get("ours") is not None:
                 check["ours_text"] = tok.decode([check["ours"]])
             rows.append(row)
+        # speed last, in rounds over the baseline and every row that scored
+        jobs = [("baseline", opts.ckpt, "torch", {"load_options": {"dtype": dtype}})]
+        jobs += [(str(i), items[i][0], row["runtime"], {}) for i, row in enumerate(rows) if row["status"] == "ok"]
+        timing = time_rounds(jobs, spec, work, opts.repeats, log)
+        if timing["baseline"].get("status") == "failed":
+            raise ToolkitError(f"the baseline could not be timed: {timing['baseline']['error']}",
+                               "rerun with --debug; check the checkpoint loads with `toolkit generate`")
+        baseline.update(timing.pop("baseline"))
+        for key, figures in timing.items():
+            rows[int(key)].update(figures)
     return {"schema": SCHEMA, "checkpoint": str(opts.ckpt), "baseline": baseline, "rows": rows,
             "gates": {"max_kld": opts.max_kld, "max_ppl_delta_pct": opts.max_ppl_delta},
             "machine": machine_info(), "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
-            "threads": opts.threads, "repeats": opts.repeats}
+            "threads": opts.threads, "score_threads": spec["score_threads"], "repeats": opts.repeats,
+            "timing": "interleaved rounds, one fresh process per row and round; ratios to the baseline per round"}
 
 
 def machine_info() -> str:

@@ -13,12 +13,12 @@ def table_rows(result: dict) -> list[list[str]]:
     b = result["baseline"]
     rows = [[f"baseline torch {b['dtype']} {b['device']}", "checkpoint", f"{b['size_bytes'] / 1e6:.1f}",
              f"{b['ppl']:.4f} ± {b['ppl_err']:.4f}", "–", "0", "100", "0",
-             f"{b['prefill_tps']:.0f} ± {b['prefill_tps_std']:.0f}", f"{b['decode_tps']:.1f} ± {b['decode_tps_std']:.1f}",
-             "–", "ok"]]
+             f"{b['prefill_tps']:.0f} ± {b['prefill_tps_std']:.0f}",
+             f"{b['decode_tps']:.1f} ± {b['decode_tps_std']:.1f}", "1", "–", "ok"]]
     for r in result["rows"]:
         if r["status"] != "ok":
             rows.append([r["name"], r.get("format") or "?", f"{r['size_bytes'] / 1e6:.1f}", "–", "–", "–", "–", "–",
-                         "–", "–", "–", f"failed: {r['error']}"])
+                         "–", "–", "–", "–", f"failed: {r['error']}"])
             continue
         where = r.get("device")
         fmt = r["format"] + (f" ({where})" if where and where != b["device"] else "")
@@ -26,6 +26,7 @@ def table_rows(result: dict) -> list[list[str]]:
                      f"{r['ppl_delta_pct']:+.3f}", f"{r['kld_mean']:.6f}", f"{r['same_top_pct']:.2f}",
                      f"{r['rms_dp_pct']:.3f}", f"{r['prefill_tps']:.0f} ± {r['prefill_tps_std']:.0f}",
                      f"{r['decode_tps']:.1f} ± {r['decode_tps_std']:.1f}",
+                     f"{r['decode_ratio']:.3f} ± {r['decode_ratio_std']:.3f}",
                      f"{r['peak_rss_bytes'] / 1e6:.0f}", _status(r)])
     return rows
 
@@ -38,7 +39,7 @@ def _status(row: dict) -> str:
 
 
 HEADER = ["artifact", "format", "size MB", "PPL", "ΔPPL %", "KLD mean", "same top %", "RMS Δp %", "prefill tok/s",
-          "decode tok/s", "peak RSS MB", "status"]
+          "decode tok/s", "decode × baseline", "peak RSS MB", "status"]
 
 
 def markdown(result: dict) -> str:
@@ -46,7 +47,9 @@ def markdown(result: dict) -> str:
     lines = [f"# Parity report: {result['checkpoint']}", "",
              f"Text: {b['text']} ({b['n_tokens']} tokens, {b['n_scored']} scored; ctx {b['ctx']}, second half of "
              f"each chunk scored). Baseline: torch {b['dtype']} on {b['device']}. Speed: {b['bench']}, median ± std of "
-             f"{result['repeats']} runs, {result['threads']} thread(s). Machine: {result['machine']}. "
+             f"{result['repeats']} interleaved rounds (each round times every row once, each in a fresh process), "
+             f"{result['threads']} thread(s); decode × baseline: the median of each round's ratio to the baseline's "
+             f"decode speed in that round. Machine: {result['machine']}. "
              f"Date: {result['date']}.", "",
              "| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
     lines += ["| " + " | ".join(c.replace("|", "/") for c in row) + " |" for row in table_rows(result)]

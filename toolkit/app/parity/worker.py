@@ -1,8 +1,12 @@
-"""One eval-parity row in a fresh process: `python -m toolkit.app.parity.worker SPEC.json`.
+"""One eval-parity job in a fresh process: `python -m toolkit.app.parity.worker SPEC.json`.
 
-The artifact is loaded the way a user loads it (its runtime, its own file), scored on the tokens the parent wrote
-against the parent's baseline record, then timed (llama-bench's pp512 / tg128 shape). The process imports only its
-own engine, so its peak RSS is the artifact's, not the harness's. Writes the row's figures to SPEC's "out".
+The artifact is loaded the way a user loads it (its runtime, its own file). SPEC's "mode":
+- score: on the tokens the parent wrote, against the parent's baseline record, at "score_threads"; and whether the
+  artifact's own tokenizer makes the checkpoint's ids;
+- time: one timed generation at "threads" (llama-bench's pp512 / tg128 shape) after a warm-up; the parent runs
+  these in interleaved rounds over all rows (parity.time_rounds).
+The process imports only its own engine, so its peak RSS is the artifact's, not the harness's. Writes the figures to
+SPEC's "out".
 """
 from __future__ import annotations
 
@@ -42,41 +46,56 @@ def tokenizer_check(rt, text: str, want: list[int]) -> dict:
 
 def run(spec: dict) -> dict:
     from runtimes import RUNTIMES
-    from toolkit.app.parity.metrics import BaselineRecord, Comparison, compare_rows, summarize
-    from toolkit.app.parity.speed import time_generation
-    from toolkit.core.perplexity import scored_positions
 
     chunks = np.load(spec["tokens"])
     ctx = chunks.shape[1]
-    base = BaselineRecord.load(spec["baseline"])
     prompt = [int(t) for t in chunks.reshape(-1)[:spec["bench_prompt"]]]
     runtime = RUNTIMES[spec["runtime"]]
     # artifacts run on the baseline's device where their runtime can; otherwise on the CPU (the row says which)
     device = spec["device"] if spec["device"] == "cpu" or runtime.on_cuda() else "cpu"
+    threads = spec["threads"] if spec["mode"] == "time" else spec["score_threads"]
     t0 = time.perf_counter()
-    rt = runtime.load(spec["artifact"], threads=spec["threads"], device=device,
-                      ctx=max(ctx, len(prompt) + spec["bench_new"] + 8))
+    rt = runtime.load(spec["artifact"], threads=threads, device=device,
+                      ctx=max(ctx, len(prompt) + spec["bench_new"] + 8),
+                      **spec.get("overrides", {}), **spec.get("load_options", {}))
     load_seconds = time.perf_counter() - t0
+    row = time_once(rt, prompt, spec["bench_new"]) if spec["mode"] == "time" else score(rt, spec, chunks)
+    row.update(load_seconds=load_seconds, device=device, label=getattr(rt, "label", spec["runtime"]),
+               peak_rss_bytes=peak_rss_bytes(), peak_vram_bytes=None)
+    if "torch" in sys.modules and device == "cuda":
+        import torch
+
+        row["peak_vram_bytes"] = int(torch.cuda.max_memory_allocated())
+    return row
+
+
+def score(rt, spec: dict, chunks: np.ndarray) -> dict:
+    from toolkit.app.parity.metrics import BaselineRecord, Comparison, compare_rows, summarize
+    from toolkit.core.perplexity import scored_positions
+
     tokenizer = tokenizer_check(rt, spec["tokenizer_text"], spec["tokenizer_ids"])
+    ctx = chunks.shape[1]
+    base = BaselineRecord.load(spec["baseline"])
     per = ctx - 1 - ctx // 2
     parts = []
     for i, chunk in enumerate(chunks):
         rows = np.asarray(rt.logits([int(t) for t in chunk]))[scored_positions(ctx)]
         parts.append(compare_rows(rows, base.slice(i * per, (i + 1) * per)))
     row = summarize(Comparison.concat(parts), spec["baseline_nll_mean"], spec["n_bytes"])
-    row.update(time_generation(rt, prompt, spec["bench_new"], spec["repeats"]))
-    row["bench"] = f"pp{len(prompt)} tg{spec['bench_new']}"
-    row["load_seconds"] = load_seconds
     row["tokenizer"] = tokenizer
-    row["device"] = device
-    row["label"] = getattr(rt, "label", spec["runtime"])
-    row["peak_rss_bytes"] = peak_rss_bytes()
-    row["peak_vram_bytes"] = None
-    if "torch" in sys.modules and device == "cuda":
-        import torch
-
-        row["peak_vram_bytes"] = int(torch.cuda.max_memory_allocated())
+    row["bench"] = f"pp{spec['bench_prompt']} tg{spec['bench_new']}"
     return row
+
+
+def time_once(rt, prompt: list[int], new_tokens: int) -> dict:
+    """A warm-up at the timed length (first-call allocations, a CUDA graph for that cache size), then one timed
+    greedy generation."""
+    from toolkit.core.sampling import make_sampler
+
+    greedy = make_sampler(0.0)
+    rt.generate(prompt, 4, greedy)
+    g = rt.generate(prompt, new_tokens, greedy)
+    return {"prefill_tps": g.prefill_tps, "decode_tps": g.decode_tps}
 
 
 def main() -> None:
