@@ -205,3 +205,21 @@ def test_cli_info_and_convert_of_a_pth(tmp_path, shared_data):
         assert (model(_ids(5)).logits[0] - got).abs().max().item() <= TOL
     proc = run_cli("info", tmp_path / "m.pth")  # no tokenizer beside the .pth
     assert "tokenizer" in assert_usage_error(proc)
+
+
+def test_eval_parity_of_a_pth_takes_the_loader_options_everywhere(tmp_path, shared_data):
+    """A .pth needs --tokenizer: the baseline's scoring, its timing rounds (each in a fresh process) and a row of the
+    checkpoint itself all load it with that option."""
+    g = torch.Generator().manual_seed(6)
+    _save_minimind(_hf_named_state(g, q_norm=True), tmp_path / "m.pth")
+    text = tmp_path / "t.txt"
+    text.write_text((shared_data / "tinyshakespeare.txt").read_text()[:8000])
+    out = tmp_path / "report"
+    proc = run_cli("eval-parity", tmp_path / "m.pth", tmp_path / "m.pth", "--tokenizer",
+                   shared_data / "minimind3-tokenizer", "--text", text, "--ctx", 64, "--repeats", 2, "-o", out,
+                   "--device", "cpu", env={"XDG_CACHE_HOME": str(tmp_path / "cache")})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads((out / "parity.json").read_text())
+    row = result["rows"][0]
+    assert row["status"] == "ok" and row["kld_mean"] == 0.0 and row["tokenizer"]["same"]
+    assert len(result["baseline"]["decode_rounds"]) == len(row["decode_rounds"]) == 2

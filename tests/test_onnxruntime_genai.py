@@ -3,6 +3,8 @@ run in genai's own generator, with every prompt position's logits, and agree wit
 reference model; genai's own tokenizer agrees with tokenizer.json's."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -57,6 +59,9 @@ def test_genai_generates_what_onnxruntime_generates(folders):
     a = genai.generate(prompt, 24, make_sampler(0.0, 0, 1.0, None))
     b = plain.generate(prompt, 24, make_sampler(0.0, 0, 1.0, None))
     assert a.ids == b.ids and len(a.ids) == 24 and a.prompt_tokens == len(prompt)
+    # genai decodes into one shared past/present buffer, as GroupQueryAttention allows (and the builder writes)
+    config = json.loads((folders / "fp32" / "genai_config.json").read_text())
+    assert config["search"]["past_present_share_buffer"] is True
 
 
 def test_generate_through_genai_from_the_cli(folders, tmp_path):

@@ -199,8 +199,12 @@ def genai_config(bundle: ModelBundle) -> dict:
                             "present_value_names": "present.%d.value"},
             },
         },
+        # GroupQueryAttention (the only attention of the ort variant, the one folder that gets this file) writes
+        # each new key/value into the past buffer in place: genai then keeps one buffer of max_length instead of
+        # a cache copied every step (decode 1.22x on SmolLM2-135M int4 after a 582-token prompt, as fast as
+        # ONNX Runtime's runner, which binds the buffer the same way)
         "search": {"do_sample": False, "max_length": cfg.max_position_embeddings, "min_length": 0, "num_beams": 1,
-                   "num_return_sequences": 1, "past_present_share_buffer": False, "repetition_penalty": 1.0,
+                   "num_return_sequences": 1, "past_present_share_buffer": True, "repetition_penalty": 1.0,
                    "temperature": 1.0, "top_k": 1, "top_p": 1.0},
     }
 

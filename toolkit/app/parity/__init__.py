@@ -291,10 +291,12 @@ def evaluate(opts: ParityOptions, progress=None, log=print) -> dict:
         # every row scores the checkpoint's token ids; each also says whether its own tokenizer makes the same ids
         sample = text[:TOKENIZER_CHARS]
         spec = {"tokens": str(work / "tokens.npy"), "baseline": str(cache), "threads": opts.threads,
-                "score_threads": opts.score_threads or os.cpu_count() or 1, "device": device, "bench_prompt": len(prompt), "bench_new": BENCH_NEW,
-                "baseline_nll_mean": float(nll.mean()), "n_bytes": n_bytes, "tokenizer_text": sample,
-                "tokenizer_ids": tok.encode(sample, add_bos=False),
-                "overrides": {k: str(v) if isinstance(v, Path) else v for k, v in opts.overrides.items()}}
+                "score_threads": opts.score_threads or os.cpu_count() or 1, "device": device,
+                "bench_prompt": len(prompt), "bench_new": BENCH_NEW, "baseline_nll_mean": float(nll.mean()),
+                "n_bytes": n_bytes, "tokenizer_text": sample, "tokenizer_ids": tok.encode(sample, add_bos=False)}
+        # the loader options were given for the checkpoint: they reach the jobs that load it (baseline timing,
+        # --with rows), not the artifacts, which carry their own tokenizer and config
+        own = {"overrides": {k: str(v) if isinstance(v, Path) else v for k, v in opts.overrides.items()}}
         items = []
         for artifact in opts.artifacts:
             first = runtime_for(artifact)
@@ -315,14 +317,15 @@ def evaluate(opts: ParityOptions, progress=None, log=print) -> dict:
             if runtime is None:
                 row.update(status="failed", error="no installed runtime opens this artifact")
             else:
-                row.update(run_row(artifact, runtime, spec, work, i))
+                row.update(run_row(artifact, runtime, {**spec, **(own if artifact == opts.ckpt else {})}, work, i))
             check = row.get("tokenizer")
             if check and not check["same"] and check.get("ours") is not None:
                 check["ours_text"] = tok.decode([check["ours"]])
             rows.append(row)
         # speed last, in rounds over the baseline and every row that scored
-        jobs = [("baseline", opts.ckpt, "torch", {"load_options": {"dtype": dtype}})]
-        jobs += [(str(i), items[i][0], row["runtime"], {}) for i, row in enumerate(rows) if row["status"] == "ok"]
+        jobs = [("baseline", opts.ckpt, "torch", {"load_options": {"dtype": dtype}, **own})]
+        jobs += [(str(i), items[i][0], row["runtime"], own if items[i][0] == opts.ckpt else {})
+                 for i, row in enumerate(rows) if row["status"] == "ok"]
         timing = time_rounds(jobs, spec, work, opts.repeats, log)
         if timing["baseline"].get("status") == "failed":
             raise ToolkitError(f"the baseline could not be timed: {timing['baseline']['error']}",
