@@ -1,5 +1,5 @@
 """Targets: what `toolkit export NAME` and `toolkit quantize NAME` run. Each exporter and quantizer declares itself
-here-shaped, with an options dataclass whose fields carry their help; the CLI generates its commands from them
+as a Target, with an options dataclass whose fields carry their help; the CLI generates its commands from them
 (toolkit/app/target_commands.py), so a new target is one module plus its tests and the CLI holds no per-format code.
 
 A module (or package `__init__`) of `exporters/` or `quant/` declares a top-level `TARGETS = (Target(...), ...)`.
