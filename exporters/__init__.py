@@ -9,14 +9,7 @@ from __future__ import annotations
 
 from toolkit.core.targets import Target, discover
 
-_TARGETS: list[Target] | None = None
-
 
 def registry() -> list[Target]:
     """Every target declared under exporters/ (read at each CLI start: the declaring modules import light)."""
-    global _TARGETS
-    if _TARGETS is None:
-        import exporters
-
-        _TARGETS = discover(exporters)
-    return _TARGETS
+    return list(discover(__name__))

@@ -4,13 +4,7 @@ from __future__ import annotations
 
 from toolkit.core.targets import Target, discover
 
-_TARGETS: list[Target] | None = None
-
 
 def registry() -> list[Target]:
-    global _TARGETS
-    if _TARGETS is None:
-        import quant
-
-        _TARGETS = discover(quant)
-    return _TARGETS
+    """Every target declared under quant/."""
+    return list(discover(__name__))

@@ -106,10 +106,16 @@ CAPABILITIES = (Stepping, Batching)
 
 
 class TokenizerText:
-    """Text for runtimes whose artifact carries a Hugging Face tokenizer: `text_tokenizer()` returns it."""
+    """Text for runtimes whose artifact carries a Hugging Face tokenizer: `text_tokenizer()` returns it (by default
+    the one in the artifact's folder, `self.dir`)."""
 
     def text_tokenizer(self):
-        raise NotImplementedError
+        """The tokenizer.json (+ tokenizer_config.json) of the artifact's folder `self.dir`, read once."""
+        from toolkit.core.tokenizer import Tokenizer
+
+        if getattr(self, "_tokenizer", None) is None:
+            self._tokenizer = Tokenizer.from_dir(self.dir)
+        return self._tokenizer
 
     def prompt_ids(self, text: str) -> list[int]:
         return self.text_tokenizer().encode(text)

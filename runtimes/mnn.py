@@ -121,13 +121,6 @@ class MnnRuntime(TokenizerText):
         out, stopped = decode_loop(nxt, lambda t: self.step([t])[-1], sampler, max_new_tokens, stop_ids, on_token)
         return Generation(out, t1 - t0, time.perf_counter() - t1, len(token_ids), stopped)
 
-    def text_tokenizer(self):
-        from toolkit.core.tokenizer import Tokenizer
-
-        if getattr(self, "_tokenizer", None) is None:
-            self._tokenizer = Tokenizer.from_dir(self.dir)
-        return self._tokenizer
-
 
 def load(artifact, threads: int | None = None, device: str = "cpu", memory_mode: str | None = None, **_):
     return MnnRuntime(artifact, threads=threads or 1, memory_mode=memory_mode)

@@ -164,13 +164,6 @@ class OnnxRuntime(TokenizerText):
         out, stopped = decode_loop(nxt, step, sampler, max_new_tokens, stop_ids, on_token)
         return Generation(out, t1 - t0, time.perf_counter() - t1, len(token_ids), stopped)
 
-    def text_tokenizer(self):
-        from toolkit.core.tokenizer import Tokenizer
-
-        if getattr(self, "_tokenizer", None) is None:
-            self._tokenizer = Tokenizer.from_dir(self.dir)
-        return self._tokenizer
-
 
 def _folder_sizes(folder: Path) -> dict[str, int]:
     """Cache and vocabulary sizes from genai_config.json (onnxruntime-genai) or config.json (Hugging Face)."""

@@ -81,13 +81,6 @@ class GenaiRuntime(TokenizerText):
         out, stopped = decode_loop(first, lambda token: feed([token]), sampler, max_new_tokens, stop_ids, on_token)
         return Generation(out, t1 - t0, time.perf_counter() - t1, len(token_ids), stopped)
 
-    def text_tokenizer(self):
-        from toolkit.core.tokenizer import Tokenizer
-
-        if getattr(self, "_tokenizer", None) is None:
-            self._tokenizer = Tokenizer.from_dir(self.dir)
-        return self._tokenizer
-
     def genai_ids(self, text: str) -> list[int]:
         """genai's own tokenizer (what runs on the device), for the check that it agrees with tokenizer.json's."""
         return [int(t) for t in self.og.Tokenizer(self.model).encode(text)]

@@ -40,14 +40,14 @@ def verify(bundle: ModelBundle, path: Path, outtype: str, threads: int = 1, verb
     from runtimes import RUNTIMES, Runtime
     from toolkit.core.model import build_model
     from toolkit.core.routing_ties import reference_logits
-    from toolkit.core.verify import VERIFY_TOKENS, judge, verification_ids
+    from toolkit.core.verify import VERIFY_TOKENS, first_difference, judge, verification_ids
 
     runtime: Runtime = RUNTIMES["llama_cpp"].load(path, threads=threads, ctx=max(256, VERIFY_TOKENS), verbose=verbose)
     tok = bundle.tokenizer
     hf_ids = tok.encode(TOKENIZER_TEXT, add_bos=False)
     cpp_ids = runtime.prompt_ids(TOKENIZER_TEXT)  # llama.cpp's tokenization of a prompt: no BOS, no specials
     if hf_ids != cpp_ids:
-        first = next(i for i, (a, b) in enumerate(zip(hf_ids + [-1], cpp_ids + [-2])) if a != b)
+        first = first_difference(hf_ids, cpp_ids)
         raise VerificationError(f"llama.cpp tokenizes differently from the Hugging Face tokenizer (first "
                                 f"difference at token {first}: {hf_ids[first:first + 1]} vs "
                                 f"{cpp_ids[first:first + 1]})", "the tokenizer cannot be represented in GGUF")

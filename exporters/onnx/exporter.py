@@ -145,12 +145,12 @@ def compare(reference: Batching, candidate: Batching, tokenizer, vocab_size: int
 def check_tokenizer(bundle: ModelBundle, folder: Path, what: str) -> None:
     """The tokenizer saved beside the graph must encode the verification text as the model's own does."""
     from toolkit.core.tokenizer import Tokenizer
-    from toolkit.core.verify import VERIFY_TEXT
+    from toolkit.core.verify import VERIFY_TEXT, first_difference
 
     want = bundle.tokenizer.encode(VERIFY_TEXT, add_bos=False)
     got = Tokenizer.from_dir(folder).encode(VERIFY_TEXT, add_bos=False)
     if got != want:
-        first = next(i for i, (a, b) in enumerate(zip(want + [-1], got + [-2])) if a != b)
+        first = first_difference(want, got)
         raise VerificationError(f"the tokenizer saved in the {what} folder encodes differently from the model's "
                                 f"(first difference at token {first})", "the export is not kept; report this")
 

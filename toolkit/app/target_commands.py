@@ -19,7 +19,6 @@ from toolkit.core.errors import ToolkitError
 from toolkit.core.targets import RunContext, Target, fields
 
 COMMON = ("src", "out", "format", "threads", "force", "loader")
-UNSET = object()
 
 
 def add_commands(group: typer.Typer, targets: list[Target]) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import functools
 import importlib
 import importlib.util
 import pkgutil
@@ -93,12 +94,14 @@ def _declares_targets(path: Path) -> bool:
                                                                   else [node.target])) for node in tree.body)
 
 
-def discover(package) -> list[Target]:
-    """The targets declared by the modules and subpackages of `package` (one level down)."""
-    found = []
+@functools.cache
+def discover(package_name: str) -> tuple[Target, ...]:
+    """The targets declared by the modules and subpackages of the package (one level down), read once a process."""
+    package = importlib.import_module(package_name)
+    found: list[Target] = []
     for info in sorted(pkgutil.iter_modules(package.__path__), key=lambda m: m.name):
         base = Path(info.module_finder.path) / info.name
         path = base / "__init__.py" if info.ispkg else base.with_suffix(".py")
         if _declares_targets(path):
-            found += list(importlib.import_module(f"{package.__name__}.{info.name}").TARGETS)
-    return found
+            found += importlib.import_module(f"{package_name}.{info.name}").TARGETS
+    return tuple(found)

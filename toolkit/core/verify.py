@@ -169,6 +169,11 @@ def summary(fig: dict) -> str:
             f"over {fig['positions']} positions")
 
 
+def first_difference(want: list[int], got: list[int]) -> int | None:
+    """The first position where two token sequences differ (a missing token counts), or None when equal."""
+    return next((i for i, (a, b) in enumerate(zip(want + [-1], got + [-2])) if a != b), None) if want != got else None
+
+
 def verified_line(fig: dict) -> str:
     """The figures and the bar they were judged by, for the closing line of an export or quantization."""
     bar = ", ".join(f"{k.replace('max_', '').replace('min_', '')} {val:g}" for k, val in fig["bar"].items())

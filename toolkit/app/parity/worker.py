@@ -33,12 +33,14 @@ def peak_rss_bytes() -> int:
 def tokenizer_check(rt, text: str, want: list[int]) -> dict:
     """Whether the artifact tokenizes the scored text as the checkpoint does (its runtime's own tokenizer: a GGUF's
     vocabulary, a folder's tokenizer.json). A leading BOS the runtime adds is not a difference."""
+    from toolkit.core.verify import first_difference
+
     got = list(rt.prompt_ids(text))
     if got[1:] == want and got[:1] != want[:1]:
         got = got[1:]
     if got == want:
         return {"same": True, "checked_tokens": len(want)}
-    i = next(k for k, (a, b) in enumerate(zip(want + [-1], got + [-2])) if a != b)
+    i = first_difference(want, got)
     theirs = got[i] if i < len(got) else None
     return {"same": False, "checked_tokens": len(want), "index": i, "ours": want[i] if i < len(want) else None,
             "theirs": theirs, "theirs_text": rt.detokenize([theirs]) if theirs is not None else ""}
