@@ -102,7 +102,19 @@ class Batching(Protocol):
         ...
 
 
-CAPABILITIES = (Stepping, Batching)
+@runtime_checkable
+class EngineText(Protocol):
+    """The tokenizer and chat template an engine applies itself on the device (MNN.llm's tokenizer.mtok and minja),
+    for the export's check that they agree with the model's."""
+
+    def engine_ids(self, text: str) -> list[int]: ...
+
+    def engine_chat(self, messages: list[dict[str, str]]) -> str:
+        """The conversation rendered by the engine's chat template, with the generation prompt."""
+        ...
+
+
+CAPABILITIES = (Stepping, Batching, EngineText)
 
 
 class TokenizerText:

@@ -1,5 +1,6 @@
-"""MNN through the wheel's Python binding (MNN.nn / MNN.expr): logits for a sequence and timed generation for the
-folders `toolkit export mnn` writes.
+"""MNN: the `mnn` runtime. A folder of MNN's LLM engine (llm_config.json + config.json: `toolkit export mnn`'s
+default layout, or MNN's llmexport's) runs in MNN's own engine (runtimes/mnn_llm.py); a `--layout module` folder
+(model.mnn + manifest.json) runs here, through the wheel's Python binding (MNN.nn / MNN.expr).
 
 The graph's KV cache is a fixed-capacity buffer per layer, passed in and returned each call; the returned MNN
 Vars are fed straight back (no numpy round trip). Capacity grows in steps of 64 slots when a sequence outgrows it,
@@ -123,17 +124,29 @@ class MnnRuntime(TokenizerText):
 
 
 def load(artifact, threads: int | None = None, device: str = "cpu", memory_mode: str | None = None, **_):
+    from runtimes.mnn_llm import MnnLlmRuntime, is_engine_folder
+
+    if is_engine_folder(artifact):
+        return MnnLlmRuntime(artifact, threads=threads or 1, memory_mode=memory_mode)
     return MnnRuntime(artifact, threads=threads or 1, memory_mode=memory_mode)
 
 
 def _is_mnn(artifact) -> bool:
+    from runtimes.mnn_llm import is_engine_folder
+
     p = Path(artifact)
-    return p.suffix == ".mnn" or (p.is_dir() and (p / "model.mnn").is_file())
+    return p.suffix == ".mnn" or (p.is_dir() and (p / "model.mnn").is_file()) or is_engine_folder(p)
 
 
 def _describe(artifact) -> str:
-    info = manifest.read(artifact)
-    return f"mnn {(info.get('quantization') or {}).get('bits', 16) if info else '?'}-bit"
+    from runtimes.mnn_llm import is_engine_folder
+
+    engine = is_engine_folder(artifact)
+    p = Path(artifact)
+    info = manifest.read(p.parent if engine and p.is_file() else p)
+    bits = (info.get("quantization") or {}).get("bits", 16) if info else "?"
+    return f"mnn {bits}-bit" + (" engine" if engine else "")
 
 
-SPECS = (RuntimeSpec("mnn", "MNN (toolkit export mnn folders)", "runtimes.mnn", "MNN", _is_mnn, describe=_describe),)
+SPECS = (RuntimeSpec("mnn", "MNN (MNN.llm engine folders; toolkit export mnn --layout module folders)",
+                     "runtimes.mnn", "MNN", _is_mnn, describe=_describe),)

@@ -1,4 +1,5 @@
-"""MNN export checked in MNN (the wheel's engine) against the reference model (itself held to transformers in
+"""MNN export, `--layout module` (the toolkit's own graph; the engine layout is in test_mnn_engine.py), checked in MNN
+(the wheel's engine) against the reference model (itself held to transformers in
 test_reference_model.py); MNN's own read-back of its weights as the oracle for our model of its grid; the trained
 model's 8/4-bit exports; eval-parity rows; no telemetry; bad inputs."""
 from __future__ import annotations
@@ -110,9 +111,9 @@ def trained_mnn(trained_model, tmp_path_factory):
     folders = {}
     for bits in (8, 4):
         folders[bits] = root / f"mnn{bits}"
-        proc = run_cli("export", "mnn", trained_model, "-o", folders[bits], "--bits", bits)
+        proc = run_cli("export", "mnn", trained_model, "-o", folders[bits], "--bits", bits, "--layout", "module")
         assert proc.returncode == 0, proc.stderr[-2000:]
-        assert "verified in MNN" in proc.stderr
+        assert "module layout" in proc.stderr and "verified in MNN" in proc.stderr
     return folders
 
 
@@ -164,35 +165,47 @@ AUDIT = textwrap.dedent("""
     _watched = ("socket.connect", "socket.getaddrinfo", "socket.gethostbyname", "subprocess.Popen", "os.system",
                 "os.exec", "os.posix_spawn", "os.spawn", "urllib.Request")
     def _hook(event, args):
-        if event in _watched:
+        if event in _watched or (event == "open" and args and "machine-id" in str(args[0])):
             _log.write(json.dumps([event, repr(args)[:500]]) + "\\n"); _log.flush()
     sys.addaudithook(_hook)
-    atexit.register(lambda: (_log.write(json.dumps(["modules", sorted(m for m in sys.modules
-                                                                      if m.startswith("MNN"))]) + "\\n"),
+    # MNN's modules at exit, with the file each was loaded from (None: a module made in memory, as the llmexport
+    # child's stand-in for MNN.tools is)
+    atexit.register(lambda: (_log.write(json.dumps(["modules", sorted(
+        (m, getattr(sys.modules[m], "__file__", None)) for m in list(sys.modules) if m.startswith("MNN"))]) + "\\n"),
                              _log.flush()))
 """)
 
+# the only child processes of an export: the converter extension (module layout), MNN's llmexport (engine layout)
+CHILDREN = {"module": "_tools", "engine": "exporters.mnn.llmexport_child"}
 
-def test_export_attempts_no_network_and_no_pip(trained_model, tmp_path):
-    """Every Python process of an export (the CLI and the converter's child) records its connection and process
-    attempts through an audit hook: none reaches the network, the only child is the converter, MNN.tools (whose
-    import runs pip and uploads logs) is never imported."""
+
+@pytest.mark.parametrize("layout", ["engine", "module"])
+def test_export_attempts_no_network_and_no_pip(layout, trained_model, tmp_path):
+    """Every Python process of an export (the CLI and its child: the converter, or MNN's llmexport) records its
+    connection, process and machine-id attempts through an audit hook: none reaches the network or reads a machine
+    id, the only child is the converter or the exporter, and MNN's own MNN.tools (whose import runs pip and uploads
+    logs) is never loaded from the wheel in any of them."""
     hooks = tmp_path / "hooks"
     hooks.mkdir()
     (hooks / "sitecustomize.py").write_text(AUDIT)
     log = tmp_path / "audit.log"
     env = {"AUDIT_LOG": str(log), "PYTHONPATH": os.pathsep.join([str(hooks), str(ROOT)])}
-    proc = run_cli("export", "mnn", trained_model, "-o", tmp_path / "out", "--bits", "4", env=env)
+    proc = run_cli("export", "mnn", trained_model, "-o", tmp_path / "out", "--bits", "4", "--layout", layout,
+                   env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
     events = [json.loads(line) for line in log.read_text().splitlines()]
     modules = [e[1] for e in events if e[0] == "modules"]
-    assert len(modules) >= 2, events  # the CLI and the converter's child both ran under the hook
-    assert all(not any(m.startswith("MNN.tools") for m in mods) for mods in modules), modules
+    assert len(modules) >= 2, events  # the CLI and its child both ran under the hook
+    loaded = [(m, f) for mods in modules for m, f in mods if m.startswith("MNN.tools")]
+    assert all(f is None for _, f in loaded), loaded
+    if layout == "engine":
+        assert any(m == "MNN.tools.mnnconvert" for m, _ in loaded), modules  # the stand-in ran the conversion
     network = [e for e in events if e[0].startswith("socket") or e[0] == "urllib.Request"]
     assert not network, network
+    assert not [e for e in events if e[0] == "open"], events
     spawned = [e[1] for e in events if e[0] in ("subprocess.Popen", "os.system", "os.exec", "os.posix_spawn",
                                                  "os.spawn")]
-    assert spawned and all(sys.executable in s and "_tools" in s for s in spawned), spawned
+    assert spawned and all(sys.executable in s and CHILDREN[layout] in s for s in spawned), spawned
     assert not any("pip" in s.replace(sys.executable, "") for s in spawned), spawned
 
 

@@ -171,13 +171,27 @@ def _mnn_fails(bundle, mutated, name, tmp_path):
     return e.value.message
 
 
-@pytest.mark.parametrize("fmt", ["gguf-f16", "gguf-q4_k_m", "onnx-fp32", "mnn-16"])
+def _mnn_engine_fails(bundle, mutated, name, tmp_path):
+    """MNN's LLM-engine folder (MNN's llmexport) of the mutated model, verified through MNN.llm against the real one."""
+    from exporters.mnn import engine
+
+    folder = tmp_path / f"mnn-engine-{name}"
+    engine.export(mutated, folder, 16, 64, verify_model=False)
+    if name == "correct":
+        return engine.verify(bundle, folder, 16)
+    with pytest.raises(VerificationError) as e:
+        engine.verify(bundle, folder, 16)
+    return e.value.message
+
+
+@pytest.mark.parametrize("fmt", ["gguf-f16", "gguf-q4_k_m", "onnx-fp32", "mnn-16", "mnn-engine-16"])
 def test_mutation_table(fmt, smollm2, tmp_path, monkeypatch):
     """Each mutation of the real model fails verification; the correct file of the same model passes."""
     runners = {"gguf-f16": lambda m, n: _gguf_fails(smollm2, m, n, tmp_path, "f16", monkeypatch),
                "gguf-q4_k_m": lambda m, n: _gguf_fails(smollm2, m, n, tmp_path, "q4_k_m", monkeypatch),
                "onnx-fp32": lambda m, n: _onnx_fails(smollm2, m, n, tmp_path),
-               "mnn-16": lambda m, n: _mnn_fails(smollm2, m, n, tmp_path)}
+               "mnn-16": lambda m, n: _mnn_fails(smollm2, m, n, tmp_path),
+               "mnn-engine-16": lambda m, n: _mnn_engine_fails(smollm2, m, n, tmp_path)}
     run = runners[fmt]
     assert run(smollm2, "correct")["passed"]
     table = dict(MUTATIONS)
@@ -221,6 +235,32 @@ def test_smollm2_onnx_and_mnn_exports_verified(smollm2, tmp_path):
     for bits in (16, 8, 4):
         report = export_mnn(smollm2, tmp_path / f"mnn{bits}", bits)
         assert report.verification["passed"] and report.verification["judged_as"] == f"mnn:{bits}"
+
+
+def test_smollm2_mnn_engine_folders_verified(smollm2, tmp_path, shared_data):
+    """MNN's LLM-engine folders of the real model at 16/8/4 bits: verified through MNN.llm by the shared verifier;
+    MNN's tokenizer encodes a WikiText passage as SmolLM2's own tokenizer.json does in `tokenizers`, and MNN renders
+    SmolLM2's chat template as transformers does."""
+    import tokenizers
+    import transformers
+
+    from exporters.mnn import engine
+    from runtimes.mnn_llm import MnnLlmRuntime
+
+    hf_tokenizer = real_models.smollm2_hf_dir().parent / "tokenizer"  # written by transformers' GGUF reader
+    for bits in (16, 8, 4):
+        report = engine.export(smollm2, tmp_path / f"mnn{bits}", bits)
+        v = report.verification
+        assert v["passed"] and v["judged_as"] == f"mnn:{bits}" and v["engine"] == "MNN.llm", v
+    runtime = MnnLlmRuntime(tmp_path / "mnn4")
+    text = (shared_data / "wikitext-2-raw-test.txt").read_text(encoding="utf-8")[5000:9000]
+    want = tokenizers.Tokenizer.from_file(str(hf_tokenizer / "tokenizer.json")).encode(text).ids
+    assert runtime.engine_ids(text) == want
+    messages = [{"role": "system", "content": "You are helpful."}, {"role": "user", "content": "Name a color."},
+                {"role": "assistant", "content": "Blue."}, {"role": "user", "content": "Another?"}]
+    want = transformers.AutoTokenizer.from_pretrained(str(hf_tokenizer)).apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=True)
+    assert runtime.engine_chat(messages) == want
 
 
 def test_smollm2_quantized_checkpoints_and_their_exports_verified(smollm2_path, tmp_path, shared_data):

@@ -22,7 +22,6 @@ from toolkit.core import manifest, rope
 from toolkit.core.bundle import ModelBundle
 from toolkit.core.errors import ToolkitError
 from toolkit.core.outputs import atomic_output, check_destination
-from toolkit.core.targets import Outcome, RunContext
 
 BITS = (16, 8, 4)
 MODEL_FILE = "model.mnn"
@@ -172,17 +171,3 @@ def export(bundle: ModelBundle, out: Path, bits: int = 4, group_size: int = 64, 
         write_manifest(work, bundle, report, memory_mode, source_hash)
     return report
 
-
-def run(src: Path, dest: Path, opts, ctx: RunContext) -> Outcome:
-    """The target's entry (exporters/mnn/__init__.py): options checked before loading, export, the closing line."""
-    from toolkit.core.verify import verified_line
-
-    check_options(None, opts.bits, opts.group_size, opts.hqq)
-    report = export(ctx.load(src), dest, opts.bits, opts.group_size, opts.hqq, opts.verify, ctx.force, ctx.threads)
-    v = report.verification
-    checked = f"verified in MNN over prefill + {v['decode_steps']} cached steps ({verified_line(v)})" if v \
-        else "not verified"
-    grid = (f", group size {report.group_size or 'per channel'}{', hqq' if report.hqq else ''}"
-            if opts.bits < 16 else "")
-    return Outcome(dest, f"{opts.bits}-bit{grid}: {report.size_bytes / 1e6:.1f} MB, {report.seconds:.1f} s; "
-                         f"{checked}", [("warning", w) for w in report.warnings], report)

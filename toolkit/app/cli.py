@@ -6,6 +6,7 @@ line and no traceback unless `--debug`. `--debug` and `--verbose` are accepted a
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import sys
@@ -390,6 +391,11 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(130)
         if Flags.debug:
             raise
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:  # a full disk is the user's to fix, not a bug
+            where = f" writing {e.filename}" if e.filename else ""
+            print(f"error: no space left on the device{where} (hint: free disk space, or write to another disk with "
+                  "-o; nothing was kept)", file=sys.stderr)
+            sys.exit(2)
         print(f"error: internal error: {type(e).__name__}: {e} (hint: rerun with --debug for the traceback and "
               "report it)", file=sys.stderr)
         code = 1

@@ -32,7 +32,12 @@ class Family:
     norm_weights: bool = True  # False: every RMSNorm (QK-norm included) is weightless, x / rms(x)
     embed_norm: bool = False  # an RMSNorm right after the token embedding
     rope_sign: int = 1  # -1: queries/keys rotate by -theta (NanoChat), i.e. sin negated
+    mnn_engine_refusal: str = ""  # why MNN's LLM engine (llmexport's graph) cannot compute it, for `export mnn`
 
+
+# Qwen2-MoE as transformers saves it (MiniMind2-MoE too): llmexport 0.0.5 maps only Qwen3-MoE's experts
+QWEN2_MOE_ENGINE = ("MNN's exporter (llmexport 0.0.5) maps the experts of Qwen3-MoE only, not Qwen2-MoE's gated "
+                    "shared expert")
 
 FAMILIES: dict[str, Family] = {
     f.name: f
@@ -46,7 +51,8 @@ FAMILIES: dict[str, Family] = {
         Family("qwen3_moe", "Qwen3-MoE / minimind-3 MoE (softmax top-k, no shared expert)", "Qwen3MoeForCausalLM",
                "qwen3_moe", False, True, True, gguf_arch="qwen3moe"),
         Family("qwen2_moe", "Qwen2-MoE (softmax top-k + sigmoid-gated shared expert)", "Qwen2MoeForCausalLM",
-               "qwen2_moe", True, False, True, shared_expert=True, shared_expert_gated=True, gguf_arch="qwen2moe"),
+               "qwen2_moe", True, False, True, shared_expert=True, shared_expert_gated=True, gguf_arch="qwen2moe",
+               mnn_engine_refusal=QWEN2_MOE_ENGINE),
         # MiniMind2-MoE: top-k renormalised + one un-gated shared expert. Not llama.cpp's qwen2moe: it never
         # renormalises, and the exact Qwen2-MoE form (zero shared gate) gives NaN in llama.cpp (measured).
         # Saved as Qwen2-MoE for transformers (see hf_writer): zero
@@ -57,7 +63,7 @@ FAMILIES: dict[str, Family] = {
         # expert, and llama's pair-wise RoPE (q/k rows permuted).
         Family("minimind2_moe", "MiniMind2 MoE (top-k renormalised + un-gated shared expert)",
                "Qwen2MoeForCausalLM", "qwen2_moe", False, False, True, shared_expert=True, gguf_arch="granitemoe",
-               gguf_permute_qk=True),
+               gguf_permute_qk=True, mnn_engine_refusal=QWEN2_MOE_ENGINE),
         # NanoChat (karpathy/nanochat) era A: the original release, and what transformers' NanoChat computes.
         # Weightless QK-norm commutes with the rotation, so norm-then-RoPE equals nanochat's RoPE-then-norm.
         Family("nanochat", "NanoChat era A (ReLU² MLP, weightless RMSNorms incl. after the embedding, QK-norm, "
@@ -65,7 +71,10 @@ FAMILIES: dict[str, Family] = {
                mlp="relu2", norm_weights=False, embed_norm=True, rope_sign=-1,
                gguf_refusal="llama.cpp has no architecture that computes NanoChat: none combines an un-gated "
                             "ReLU² MLP, weightless RMSNorms with one after the token embedding, and tanh-softcapped "
-                            "logits (gemma2 softcaps but uses GELU and weighted norms; no upstream arch has ReLU²)"),
+                            "logits (gemma2 softcaps but uses GELU and weighted norms; no upstream arch has ReLU²)",
+               mnn_engine_refusal="MNN's exporter (llmexport 0.0.5) has no NanoChat mapping, and its graph has "
+                                  "gated MLPs and weighted norms only: no ReLU², no weightless RMSNorm after the "
+                                  "embedding, no logit softcap"),
     )
 }
 

@@ -114,7 +114,7 @@ def artifact_size(artifact: Path) -> int:
     if artifact.is_file():
         return artifact.stat().st_size
     weights = [p for p in artifact.iterdir() if p.name.startswith(("model.onnx", "embeddings."))
-               or p.suffix in (".safetensors", ".bin", ".mnn", ".pth")]
+               or p.suffix in (".safetensors", ".bin", ".mnn", ".weight", ".pth")]  # .weight: MNN engine folders
     return sum(p.stat().st_size for p in weights)
 
 

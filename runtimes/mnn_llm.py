@@ -1,0 +1,99 @@
+"""MNN's own LLM engine (the C++ `Llm` of llm_demo and the MNN Chat app, as the wheel's `MNN.llm`) over the
+folders `toolkit export mnn` writes (`--layout engine`) and those of MNN's llmexport: the engine keeps the KV cache
+and runs its fused attention, as it would on a phone.
+
+Opened through the `mnn` runtime (runtimes/mnn.py picks this class for a folder with llm_config.json). Logits of
+every position come from `all_logits`; tokens are chosen by the caller's sampler (the engine's own sampler is not
+used, so every runtime gives the same tokens for a given sampler). Text is decoded with the folder's tokenizer.json
+where there is one (the toolkit's exports), else with the engine's tokenizer.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from runtimes import Generation, TokenizerText, decode_loop
+from toolkit.core import manifest
+from toolkit.core.errors import ToolkitError
+from toolkit.core.fd_redirect import redirected
+
+ENGINE_CONFIG = "config.json"
+MODEL_CONFIG = "llm_config.json"
+
+
+def is_engine_folder(artifact) -> bool:
+    p = Path(artifact)
+    folder = p.parent if p.name == ENGINE_CONFIG else p
+    return folder.is_dir() and (folder / MODEL_CONFIG).is_file() and (folder / ENGINE_CONFIG).is_file()
+
+
+class MnnLlmRuntime(TokenizerText):
+    name = "mnn"
+
+    def __init__(self, artifact, threads: int = 1, memory_mode: str | None = None):
+        p = Path(artifact)
+        self.dir = p.parent if p.name == ENGINE_CONFIG else p
+        if not is_engine_folder(self.dir):
+            raise ToolkitError(f"{self.dir} is not an MNN LLM-engine folder (no {MODEL_CONFIG} + {ENGINE_CONFIG})",
+                               "export one with `toolkit export mnn`")
+        with redirected(1):  # the engine prints the CPU's features and its load steps to the C-level stdout
+            import MNN.llm as llm
+
+            self.llm = llm.create(str(self.dir / ENGINE_CONFIG))
+            overrides = {"thread_num": threads, "all_logits": True, "backend_type": "cpu"}
+            if memory_mode:
+                overrides["memory"] = memory_mode
+            self.llm.set_config(overrides)
+            loaded = self.llm.load()
+        if loaded is False:
+            raise ToolkitError(f"MNN's engine cannot load {self.dir}", "export it again with `toolkit export mnn`")
+        engine = json.loads((self.dir / ENGINE_CONFIG).read_text())
+        self.memory = memory_mode or engine.get("memory", "normal")
+        meta = manifest.read(self.dir) or {}
+        bits = (meta.get("quantization") or {}).get("bits", 16) if meta else "?"
+        self.label = f"MNN.llm {self.dir.name} ({bits}-bit, {self.memory} memory)"
+        self.position = 0
+
+    # --- the engine's own text, for the export's checks ---
+    def engine_ids(self, text: str) -> list[int]:
+        return [int(t) for t in self.llm.tokenizer_encode(text)]
+
+    def engine_chat(self, messages: list[dict[str, str]]) -> str:
+        return self.llm.apply_chat_template(messages)
+
+    def text_tokenizer(self):
+        if not (self.dir / "tokenizer.json").is_file():
+            raise ToolkitError(f"{self.dir} has no tokenizer.json to decode text with",
+                               "copy the model's tokenizer.json into the folder")
+        return super().text_tokenizer()
+
+    # --- Stepping: the engine's cache ---
+    def reset(self) -> None:
+        self.llm.reset()
+        self.position = 0
+
+    def step(self, token_ids: list[int]) -> np.ndarray:
+        """Logits [len(token_ids), vocab] of these tokens after the ones already in the engine's cache."""
+        n = len(token_ids)
+        out = self.llm.forward([int(t) for t in token_ids])
+        logits = np.array(out.read(), dtype=np.float32)
+        self.position += n
+        return logits.reshape(n, -1)
+
+    # --- the runtime interface ---
+    def logits(self, token_ids: list[int]) -> np.ndarray:
+        self.reset()
+        return self.step(list(token_ids))
+
+    def generate(self, token_ids: list[int], max_new_tokens: int, sampler: Callable[[np.ndarray], int],
+                 stop_ids: list[int] = (), on_token: Callable[[int], None] | None = None) -> Generation:
+        self.reset()
+        t0 = time.perf_counter()
+        nxt = sampler(self.step(list(token_ids))[-1])
+        t1 = time.perf_counter()
+        out, stopped = decode_loop(nxt, lambda t: self.step([t])[-1], sampler, max_new_tokens, stop_ids, on_token)
+        return Generation(out, t1 - t0, time.perf_counter() - t1, len(token_ids), stopped)
