@@ -117,6 +117,26 @@ class EngineText(Protocol):
 CAPABILITIES = (Stepping, Batching, EngineText)
 
 
+class SteppedRun:
+    """`logits` and `generate` for a runtime whose engine keeps the cache and offers Stepping (reset, step): a fresh
+    sequence each call; the first new token comes out of the prefill, the rest one step each."""
+
+    def logits(self, token_ids: list[int]) -> np.ndarray:
+        self.reset()
+        return self.step(list(token_ids))
+
+    def generate(self, token_ids: list[int], max_new_tokens: int, sampler: Callable[[np.ndarray], int],
+                 stop_ids: list[int] = (), on_token: Callable[[int], None] | None = None) -> Generation:
+        import time
+
+        self.reset()
+        t0 = time.perf_counter()
+        nxt = sampler(self.step(list(token_ids))[-1])
+        t1 = time.perf_counter()
+        out, stopped = decode_loop(nxt, lambda t: self.step([t])[-1], sampler, max_new_tokens, stop_ids, on_token)
+        return Generation(out, t1 - t0, time.perf_counter() - t1, len(token_ids), stopped)
+
+
 class TokenizerText:
     """Text for runtimes whose artifact carries a Hugging Face tokenizer: `text_tokenizer()` returns it (by default
     the one in the artifact's folder, `self.dir`)."""

@@ -11,13 +11,11 @@ Embedding rows come from the folder's 16-bit file. Text is decoded with the bund
 """
 from __future__ import annotations
 
-import time
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
-from runtimes import Generation, RuntimeSpec, TokenizerText, decode_loop
+from runtimes import RuntimeSpec, SteppedRun, TokenizerText
 from toolkit.core import manifest
 from toolkit.core.errors import ToolkitError
 from toolkit.core.fd_redirect import redirected
@@ -32,7 +30,7 @@ def _engine():
     return nn, F
 
 
-class MnnRuntime(TokenizerText):
+class MnnRuntime(SteppedRun, TokenizerText):
     name = "mnn"
 
     def __init__(self, artifact, threads: int = 1, memory_mode: str | None = None):
@@ -107,20 +105,6 @@ class MnnRuntime(TokenizerText):
         self.cache = list(outs[1:])
         self.position += n
         return np.array(outs[0].read(), dtype=np.float32).reshape(n, -1)
-
-    # --- the runtime interface ---
-    def logits(self, token_ids: list[int]) -> np.ndarray:
-        self.reset()
-        return self.step(list(token_ids))
-
-    def generate(self, token_ids: list[int], max_new_tokens: int, sampler: Callable[[np.ndarray], int],
-                 stop_ids: list[int] = (), on_token: Callable[[int], None] | None = None) -> Generation:
-        self.reset()
-        t0 = time.perf_counter()
-        nxt = sampler(self.step(list(token_ids))[-1])
-        t1 = time.perf_counter()
-        out, stopped = decode_loop(nxt, lambda t: self.step([t])[-1], sampler, max_new_tokens, stop_ids, on_token)
-        return Generation(out, t1 - t0, time.perf_counter() - t1, len(token_ids), stopped)
 
 
 def load(artifact, threads: int | None = None, device: str = "cpu", memory_mode: str | None = None, **_):

@@ -4,19 +4,18 @@ and runs its fused attention, as it would on a phone.
 
 Opened through the `mnn` runtime (runtimes/mnn.py picks this class for a folder with llm_config.json). Logits of
 every position come from `all_logits`; tokens are chosen by the caller's sampler (the engine's own sampler is not
-used, so every runtime gives the same tokens for a given sampler). Text is decoded with the folder's tokenizer.json
-where there is one (the toolkit's exports), else with the engine's tokenizer.
+used, so every runtime gives the same tokens for a given sampler). Text in and out goes through the folder's
+tokenizer.json (the toolkit's exports carry one, checked against tokenizer.mtok; a folder of MNN's llmexport needs
+the model's tokenizer.json copied in).
 """
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
-from runtimes import Generation, TokenizerText, decode_loop
+from runtimes import SteppedRun, TokenizerText
 from toolkit.core import manifest
 from toolkit.core.errors import ToolkitError
 from toolkit.core.fd_redirect import redirected
@@ -31,7 +30,7 @@ def is_engine_folder(artifact) -> bool:
     return folder.is_dir() and (folder / MODEL_CONFIG).is_file() and (folder / ENGINE_CONFIG).is_file()
 
 
-class MnnLlmRuntime(TokenizerText):
+class MnnLlmRuntime(SteppedRun, TokenizerText):
     name = "mnn"
 
     def __init__(self, artifact, threads: int = 1, memory_mode: str | None = None):
@@ -83,17 +82,3 @@ class MnnLlmRuntime(TokenizerText):
         logits = np.array(out.read(), dtype=np.float32)
         self.position += n
         return logits.reshape(n, -1)
-
-    # --- the runtime interface ---
-    def logits(self, token_ids: list[int]) -> np.ndarray:
-        self.reset()
-        return self.step(list(token_ids))
-
-    def generate(self, token_ids: list[int], max_new_tokens: int, sampler: Callable[[np.ndarray], int],
-                 stop_ids: list[int] = (), on_token: Callable[[int], None] | None = None) -> Generation:
-        self.reset()
-        t0 = time.perf_counter()
-        nxt = sampler(self.step(list(token_ids))[-1])
-        t1 = time.perf_counter()
-        out, stopped = decode_loop(nxt, lambda t: self.step([t])[-1], sampler, max_new_tokens, stop_ids, on_token)
-        return Generation(out, t1 - t0, time.perf_counter() - t1, len(token_ids), stopped)

@@ -243,3 +243,12 @@ def test_a_full_disk_is_said_plainly(trained_model, tmp_path):
     last = assert_usage_error(proc, dest)
     assert "no space left on the device" in last, last
     assert [p.name for p in tmp_path.iterdir()] == ["hooks"], list(tmp_path.iterdir())
+
+
+def test_a_relative_destination(trained_model, tmp_path):
+    """`-o` relative to the working directory (as `make demo` passes it): MNN's exporter runs in the folder it
+    writes, so every path it is handed must be absolute."""
+    proc = run_cli("export", "mnn", trained_model, "-o", "rel/out", "--bits", 16, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (tmp_path / "rel" / "out" / "llm.mnn").is_file()
+    assert sorted(p.name for p in (tmp_path / "rel").iterdir()) == ["out"]  # no request file or partial folder left

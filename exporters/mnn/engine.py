@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import math
 import os
 import shutil
 import subprocess
@@ -31,10 +30,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
 from exporters.mnn import gptq_codes
-from exporters.mnn.exporter import ROUTER_GAP, check_options, rope_tables
+from exporters.mnn.exporter import check_options, judge_prefill_and_steps, rope_tables
 from runtimes import EngineText
 from toolkit.core import manifest
 from toolkit.core.bundle import ModelBundle
@@ -45,8 +42,6 @@ CHILD = "exporters.mnn.llmexport_child"
 ENGINE_FILES = ("config.json", "llm_config.json", "llm.mnn", "llm.mnn.weight", "tokenizer.mtok")
 LEFTOVERS = (".export.log", "onnx", "no-such-binary")  # llmexport's log and intermediate ONNX graph
 MEMORY_MODES = ("low", "normal")
-PROMPT_TOKENS = 48
-DECODE_STEPS = 16  # the engine's own KV cache: 16 single-token forwards after the prefill
 CHAT_PROBE = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Name a prime."},
               {"role": "assistant", "content": "7"}, {"role": "user", "content": "Another?"}]
 
@@ -89,6 +84,7 @@ def llmexport_args(bits: int, group_size: int, hqq: bool, head_bits: int | None 
 
 def run_child(hf_dir: Path, dest: Path, args: dict, rope: dict) -> str:
     """llmexport in a child process (exporters/mnn/llmexport_child.py): its output, or the reason it failed."""
+    hf_dir, dest = Path(hf_dir).resolve(), Path(dest).resolve()  # the child runs in `dest`: relative paths would move
     request = dest.parent / f".{dest.name}.request.json"
     request.write_text(json.dumps({"hf_dir": str(hf_dir), "dest": str(dest), "args": args, "rope": rope}))
     root = str(Path(__file__).resolve().parents[2])
@@ -140,13 +136,11 @@ def folder_size(folder: Path) -> int:
 def verify(bundle: ModelBundle, folder: Path, bits: int, threads: int = 1) -> dict:
     """Through MNN.llm, the engine a phone runs: tokenizer_encode equal to the model's tokenizer on the verification
     text (special tokens as the tokenizer adds them: Llama-3's BOS, none for Qwen), the chat template rendered as
-    the Jinja renders it, and the logits of a prefill of PROMPT_TOKENS then DECODE_STEPS single tokens through the
+    the Jinja renders it, and the logits of a prefill of 48 tokens then 16 single tokens through the
     engine's own cache against the reference model on the source weights, judged by the shared verifier's bar for
     the bit width."""
     from runtimes import RUNTIMES, Stepping
-    from toolkit.core.model import build_model
-    from toolkit.core.routing_ties import reference_logits
-    from toolkit.core.verify import VERIFY_TEXT, first_difference, judge, verification_ids
+    from toolkit.core.verify import VERIFY_TEXT, first_difference
 
     runtime: Stepping = RUNTIMES["mnn"].load(folder, threads=threads)
     engine_text: EngineText = runtime
@@ -157,17 +151,8 @@ def verify(bundle: ModelBundle, folder: Path, bits: int, threads: int = 1) -> di
                                 f"the model's tokenizer (first difference at token "
                                 f"{first_difference(want, got_ids)})", "the export is not kept; report this")
     chat = check_chat_template(bundle, engine_text)
-    ids = verification_ids(bundle.tokenizer, bundle.config.vocab_size, PROMPT_TOKENS + DECODE_STEPS)
-    runtime.reset()
-    prefill = runtime.step(ids[:PROMPT_TOKENS])
-    got = np.concatenate([prefill] + [runtime.step([t]) for t in ids[PROMPT_TOKENS:]])
-    ref, swapped = reference_logits(build_model(bundle), ids, got, ROUTER_GAP[bits])
-    prefill_diff = float(np.abs(prefill - ref[:PROMPT_TOKENS]).max()) if np.isfinite(prefill).all() else math.inf
-    result = judge(ref, got, f"mnn:{bits}", "MNN's engine logits")
-    return {**result, "engine": "MNN.llm", "prefill_tokens": PROMPT_TOKENS, "decode_steps": DECODE_STEPS,
-            "max_abs_diff_prefill": prefill_diff, "argmax_agreement": result["top1"], "tokenizer_match": True,
-            "chat_template": chat, "near_tie_routes_followed": swapped,
-            "against": "reference model on the source weights"}
+    result = judge_prefill_and_steps(bundle, runtime, bits, "MNN's engine logits")
+    return {**result, "engine": "MNN.llm", "chat_template": chat}
 
 
 def check_chat_template(bundle: ModelBundle, engine_text: EngineText) -> str:

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from exporters.mnn import converter, weights
+from runtimes import Stepping
 from toolkit.core import manifest, rope
 from toolkit.core.bundle import ModelBundle
 from toolkit.core.errors import ToolkitError
@@ -89,20 +90,28 @@ def verify(bundle: ModelBundle, folder: Path, bits: int, group_size: int, hqq: b
     against the reference model on the source weights (MoE near-ties routed as MNN routed them), judged by the
     shared verifier's bar for the bit width."""
     from exporters.onnx.exporter import check_tokenizer
-    from runtimes import RUNTIMES, Stepping
+    from runtimes import RUNTIMES
+
+    check_tokenizer(bundle, folder, "MNN")
+    runtime: Stepping = RUNTIMES["mnn"].load(folder, threads=threads)
+    return judge_prefill_and_steps(bundle, runtime, bits, "MNN's logits")
+
+
+def judge_prefill_and_steps(bundle: ModelBundle, runtime: Stepping, bits: int, what: str) -> dict:
+    """A prefill of PROMPT_TOKENS of the verification text, then DECODE_STEPS single tokens through the runtime's
+    cache, against the reference model on the source weights (MoE near-ties routed as MNN routed them), judged by
+    the shared verifier's `mnn:<bits>` bar. Shared by both MNN layouts."""
     from toolkit.core.model import build_model
     from toolkit.core.routing_ties import reference_logits
     from toolkit.core.verify import judge, verification_ids
 
-    check_tokenizer(bundle, folder, "MNN")
-    runtime: Stepping = RUNTIMES["mnn"].load(folder, threads=threads)
     ids = verification_ids(bundle.tokenizer, bundle.config.vocab_size, PROMPT_TOKENS + DECODE_STEPS)
     runtime.reset()
     prefill = runtime.step(ids[:PROMPT_TOKENS])
     got = np.concatenate([prefill] + [runtime.step([t]) for t in ids[PROMPT_TOKENS:]])
     ref, swapped = reference_logits(build_model(bundle), ids, got, ROUTER_GAP[bits])
     prefill_diff = float(np.abs(prefill - ref[:PROMPT_TOKENS]).max()) if np.isfinite(prefill).all() else math.inf
-    result = judge(ref, got, f"mnn:{bits}", "MNN's logits")
+    result = judge(ref, got, f"mnn:{bits}", what)
     return {**result, "prefill_tokens": PROMPT_TOKENS, "decode_steps": DECODE_STEPS,
             "max_abs_diff_prefill": prefill_diff, "argmax_agreement": result["top1"], "tokenizer_match": True,
             "near_tie_routes_followed": swapped, "against": "reference model on the source weights"}

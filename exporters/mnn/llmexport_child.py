@@ -126,11 +126,11 @@ def set_rope(rotary, rope: dict) -> None:
 
 
 def main(argv: list[str]) -> int:
-    request = json.loads(Path(argv[0]).read_text())
     os.environ.update({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1",
                        "TOKENIZERS_PARALLELISM": "false"})
     sys.addaudithook(_audit)
     try:
+        request = json.loads(Path(argv[0]).read_text())
         _stub_mnn_tools()
         _no_remote_code()
         os.chdir(request["dest"])  # its .export.log lands in the destination, removed by the parent

@@ -24,7 +24,7 @@ def run(src: Path, dest: Path, opts, ctx: RunContext) -> Outcome:
     if opts.layout == "engine":
         report = engine.export(bundle, dest, opts.bits, opts.group_size, opts.hqq, opts.memory, opts.verify,
                                ctx.force, ctx.threads, ctx.log)
-        where = (f"verified through MNN.llm: its tokenizer, chat template, prefill + {engine.DECODE_STEPS} steps "
+        where = (f"verified through MNN.llm: its tokenizer, chat template, prefill + {exporter.DECODE_STEPS} steps "
                  "through its KV cache (")
         memory = f", {report.memory} memory"
     else:
