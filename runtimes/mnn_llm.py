@@ -55,7 +55,6 @@ class MnnLlmRuntime(SteppedRun, TokenizerText):
         meta = manifest.read(self.dir) or {}
         bits = (meta.get("quantization") or {}).get("bits", 16) if meta else "?"
         self.label = f"MNN.llm {self.dir.name} ({bits}-bit, {self.memory} memory)"
-        self.position = 0
 
     # --- the engine's own text, for the export's checks ---
     def engine_ids(self, text: str) -> list[int]:
@@ -73,12 +72,8 @@ class MnnLlmRuntime(SteppedRun, TokenizerText):
     # --- Stepping: the engine's cache ---
     def reset(self) -> None:
         self.llm.reset()
-        self.position = 0
 
     def step(self, token_ids: list[int]) -> np.ndarray:
         """Logits [len(token_ids), vocab] of these tokens after the ones already in the engine's cache."""
-        n = len(token_ids)
         out = self.llm.forward([int(t) for t in token_ids])
-        logits = np.array(out.read(), dtype=np.float32)
-        self.position += n
-        return logits.reshape(n, -1)
+        return np.array(out.read(), dtype=np.float32).reshape(len(token_ids), -1)

@@ -60,17 +60,18 @@ class EngineReport:
     gptq: dict | None = None  # GPTQ's codes carried into MNN's blocks (gptq_codes.carry's figures)
 
 
-def refusal(bundle: ModelBundle) -> str:
-    """Why MNN's engine cannot compute this model ('' when it can)."""
-    return bundle.config.fam.mnn_engine_refusal
-
-
 def check_engine(bundle: ModelBundle) -> None:
-    why = refusal(bundle)
+    """Refuse a family MNN's engine cannot compute, with the reason the architecture table gives."""
+    why = bundle.config.fam.mnn_engine_refusal
     if why:
         raise ToolkitError(f"MNN's LLM engine cannot compute a {bundle.config.family} model: {why}",
                            "export it with `--layout module` (the toolkit's own MNN graph, run by `toolkit "
                            "generate`/eval-parity), or to GGUF/ONNX")
+
+
+def check_memory(memory: str) -> None:
+    if memory not in MEMORY_MODES:
+        raise ToolkitError(f"--memory {memory} is not a mode of MNN's engine", "choose --memory low or normal")
 
 
 def llmexport_args(bits: int, group_size: int, hqq: bool, head_bits: int | None = None) -> dict:
@@ -219,8 +220,7 @@ def export(bundle: ModelBundle, out: Path, bits: int = 4, group_size: int = 64, 
                                                                       "or export with --layout module")
     check_engine(bundle)
     check_options(bundle, bits, group_size, hqq)
-    if memory not in MEMORY_MODES:
-        raise ToolkitError(f"--memory {memory} is not a mode of MNN's engine", "choose --memory low or normal")
+    check_memory(memory)
     check_destination(out, force)
     source_hash = manifest.SourceHash(bundle.provenance)
     inv_freq, attention_scaling = rope_tables(bundle)

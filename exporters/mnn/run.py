@@ -17,8 +17,7 @@ def run(src: Path, dest: Path, opts, ctx: RunContext) -> Outcome:
     if opts.layout not in LAYOUTS:
         raise ToolkitError(f"--layout {opts.layout} is not offered", "choose --layout engine (MNN's LLM engine "
                                                                      "folder) or module")
-    if opts.memory not in engine.MEMORY_MODES:
-        raise ToolkitError(f"--memory {opts.memory} is not a mode of MNN's engine", "choose --memory low or normal")
+    engine.check_memory(opts.memory)
     exporter.check_options(None, opts.bits, opts.group_size, opts.hqq)
     bundle = ctx.load(src)
     if opts.layout == "engine":

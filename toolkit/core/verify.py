@@ -86,7 +86,8 @@ BARS: dict[str, Bar] = {
     # MNN (its converter rounds the weights; 8/4 bits run on its low-memory kernels, int8 activations). Measured on
     # SmolLM2-135M-Instruct: 16 bits rel err 1.2e-3, KLD 1.8e-6; 8 bits (g64) KLD 0.042, p99 0.28, top-1 91 %;
     # 4 bits (g64) 0.60, 2.9, 50 %. Mutations at 16 bits: KLD >= 0.047 (eps /10 is within fp16 rounding). MNN's own
-    # exporter's engine folders, run by MNN.llm: 16 bits 1.2e-3, 1.8e-6; 8 bits 0.040, 0.23, 89 %; 4 bits 0.56, 2.6, 53 %.
+    # exporter's engine folders, run by MNN.llm: 16 bits 1.2e-3, 1.8e-6; 8 bits 0.040, 0.23, 89 %; 4 bits 0.56, 2.6,
+    # 53 %.
     "mnn:16": Bar(max_rel_err=1e-2, max_kld_mean=1e-4, min_top1=0.95),
     "mnn:8": Bar(max_kld_mean=0.12, max_kld_p99=1.0, min_top1=0.75),
     "mnn:4": Bar(max_kld_mean=1.2, max_kld_p99=6.0, min_top1=0.35),
