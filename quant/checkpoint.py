@@ -72,6 +72,31 @@ def check_group_size(bundle: ModelBundle, group_size: int) -> None:
                                "choose a group size that divides every layer's input width, or -1 (per row)")
 
 
+def check_target(opts: Int4Options) -> None:
+    """--target names a grid, and the options that shape GPTQ-v1 groups do not contradict it."""
+    from quant.targets import GGUF_TARGETS
+
+    known = ["gptq-v1", *(f"gguf:{t}" for t in GGUF_TARGETS)]
+    if opts.target not in known:
+        raise ToolkitError(f"unknown --target '{opts.target}'", f"use one of: {', '.join(known)}")
+    if opts.target == "gptq-v1":
+        return
+    ftype = opts.target.split(":", 1)[1]
+    block = GGUF_TARGETS[ftype]
+    if opts.group_size not in (Int4Options.group_size, block):
+        fits = [f"gguf:{t}" for t, b in GGUF_TARGETS.items() if b == opts.group_size]
+        raise ToolkitError(
+            f"{opts.target} stores one scale per {block} weights (llama.cpp's blocks), so --group-size "
+            f"{opts.group_size} cannot map to it",
+            f"leave --group-size out or pass --group-size {block}"
+            + (f"; groups of {opts.group_size} map to {', '.join(fits)}" if fits else
+               f"; groups of {opts.group_size} map to --target gptq-v1 (ONNX MatMulNBits, MNN --group-size "
+               f"{opts.group_size})"))
+    if opts.embed_bits != 16:
+        raise ToolkitError(f"--embed-bits {opts.embed_bits} does not apply to {opts.target}",
+                           "the embedding gets llama.cpp's type for the file type; leave --embed-bits out")
+
+
 def calibration_ids(bundle: ModelBundle, opts: Int4Options) -> torch.Tensor:
     """[n, seqlen] token ids: consecutive chunks of the calibration text (never the held-out text)."""
     path = opts.calib
@@ -108,11 +133,12 @@ def _rtn4(w: torch.Tensor, grid: Grid) -> dict[str, torch.Tensor]:
 
 
 def _gptq_layers(bundle: ModelBundle, opts: Int4Options, device: str, progress: Callable[[int, int], None],
-                 report: dict) -> dict[str, dict[str, torch.Tensor]]:
-    """GPTQ over the decoder blocks, one block at a time; returns packed tensors per weight name."""
+                 report: dict, solve_set: Callable) -> dict[str, dict[str, torch.Tensor]]:
+    """GPTQ over the decoder blocks, one block at a time; returns the stored tensors per weight name.
+    `solve_set(mods, H)` quantizes the linear layers sharing one input (name, module pairs) given their Hessian and
+    returns per layer (name, module, dequantized weight, stored tensors)."""
     from toolkit.core.model import build_model
 
-    grid = Grid(4, opts.group_size, opts.sym)
     ids = calibration_ids(bundle, opts).to(device)
     report["calibration"] = {"samples": ids.shape[0], "seqlen": ids.shape[1], "tokens": ids.numel()}
     model = build_model(bundle, torch.float32, device)
@@ -134,24 +160,60 @@ def _gptq_layers(bundle: ModelBundle, opts: Int4Options, device: str, progress: 
             for h in hooks:
                 h.remove()
             for mods, hessian in zip(sets, hessians):
-                stacked = torch.cat([m.weight.data for _, m in mods])
-                res = gptq(stacked, hessian.H, grid, opts.damp, opts.act_order)
-                if not torch.isfinite(res.codes).all() or not torch.isfinite(res.scales).all():
-                    raise FloatingPointError(f"GPTQ produced non-finite values for {mods[0][0]}")
-                if res.retries:
-                    report.setdefault("damp_raised", {})[mods[0][0]] = res.damp
-                in_f = stacked.shape[1]
-                g_idx = torch.arange(in_f, device=device) // grid.width(in_f)
-                row = 0
-                for name, mod in mods:
-                    rows = slice(row, row + mod.out_features)
-                    row += mod.out_features
-                    codes, scales, zeros = res.codes[rows], res.scales[:, rows], res.zeros[:, rows]
-                    mod.weight.data = dequantize_groups(codes, scales, zeros, g_idx).to(mod.weight.dtype)
-                    packed[name] = gptq_format.pack(codes.cpu(), scales.cpu(), zeros.cpu(), grid.group_size)
+                for name, mod, weight, stored in solve_set(mods, hessian.H):
+                    mod.weight.data = weight.to(mod.weight.dtype)
+                    packed[name] = stored
             x = torch.cat([layer(x[b:b + 1], cos[b:b + 1], sin[b:b + 1], None, None, i) for b in range(x.shape[0])])
             progress(i + 1, len(layers))
     return packed
+
+
+def _v1_solver(opts: Int4Options, report: dict) -> Callable:
+    """GPTQ-v1 groups: the layers sharing an input solved as one stacked matrix (rows are independent)."""
+    grid = Grid(4, opts.group_size, opts.sym)
+
+    def solve_set(mods, H):
+        stacked = torch.cat([m.weight.data for _, m in mods])
+        res = gptq(stacked, H, grid, opts.damp, opts.act_order)
+        if not torch.isfinite(res.codes).all() or not torch.isfinite(res.scales).all():
+            raise FloatingPointError(f"GPTQ produced non-finite values for {mods[0][0]}")
+        if res.retries:
+            report.setdefault("damp_raised", {})[mods[0][0]] = res.damp
+        in_f = stacked.shape[1]
+        g_idx = torch.arange(in_f, device=stacked.device) // grid.width(in_f)
+        out, row = [], 0
+        for name, mod in mods:
+            rows = slice(row, row + mod.out_features)
+            row += mod.out_features
+            codes, scales, zeros = res.codes[rows], res.scales[:, rows], res.zeros[:, rows]
+            out.append((name, mod, dequantize_groups(codes, scales, zeros, g_idx),
+                        gptq_format.pack(codes.cpu(), scales.cpu(), zeros.cpu(), grid.group_size)))
+        return out
+
+    return solve_set
+
+
+def _ggml_solver(types: dict[str, str], opts: Int4Options, report: dict) -> Callable:
+    """GPTQ on each layer's llama.cpp block grid (`types`: weight name -> GGML type of llama.cpp's mix): the grid's
+    scales solved first from the weights, weighted by the Hessian's diagonal (the imatrix), then GPTQ's column
+    updates against it; stored as the blocks the GGUF file holds (toolkit/core/quantized.py's toolkit_gguf)."""
+    from quant import ggml_grid
+    from quant.gptq import gptq_on_grid
+
+    def solve_set(mods, H):
+        out = []
+        for name, mod in mods:
+            W = mod.weight.data.float()
+            grid = ggml_grid.solve(W, types[name], torch.diag(H))  # act-order keeps it; else solved as GPTQ goes
+            codes, damp, retries = gptq_on_grid(W, H, grid, opts.damp, opts.act_order)
+            if not torch.isfinite(codes).all():
+                raise FloatingPointError(f"GPTQ produced non-finite values for {name}")
+            if retries:
+                report.setdefault("damp_raised", {})[name] = damp
+            out.append((name, mod, grid.values(codes), {"ggml_blocks": torch.from_numpy(ggml_grid.pack(grid, codes))}))
+        return out
+
+    return solve_set
 
 
 def _shared_input_sets(layer: torch.nn.Module, prefix: str) -> list[list[tuple[str, torch.nn.Linear]]]:
@@ -165,8 +227,51 @@ def _shared_input_sets(layer: torch.nn.Module, prefix: str) -> list[list[tuple[s
     return list(by_input.values())
 
 
+def _ggml_checkpoint(bundle: ModelBundle, out: Path, opts: Int4Options, device: str, progress, report: dict,
+                     threads: int) -> tuple[dict, dict]:
+    """`--target gguf:TYPE`: llama.cpp's own quantizer makes the file type's tensor mix (and its rounding of the
+    embedding/head, kept as it is); GPTQ then solves every decoder linear layer on the grid of the type llama.cpp
+    gave it. Stored as the file's blocks, so `export gguf --outtype TYPE` writes them unchanged."""
+    import tempfile
+
+    from exporters.gguf.blocks import from_file_rows, gguf_names, read_blocks
+    from exporters.gguf.exporter import llama_quantize
+    from quant import ggml_grid
+    from toolkit.core.quantized import GGUF_METHOD
+
+    ftype = opts.target.split(":", 1)[1]
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=".probe-") as tmp:
+        probe = Path(tmp) / "llama.gguf"
+        llama_quantize(bundle, probe, ftype, threads, None)
+        in_file = read_blocks(probe)
+    names = gguf_names(bundle)
+    stored = {hf: (in_file[g][0], from_file_rows(hf, in_file[g][1], bundle.config))
+              for hf, g in names.items() if g in in_file}
+    linears = quantized_linears(bundle)
+    types = {n: stored[n][0] for n in linears if n in stored and stored[n][0] in ggml_grid.GEOMETRY}
+    tensors = {n: {"ggml_blocks": torch.from_numpy(b)} for n, (_, b) in stored.items()}
+    if opts.method == "gptq":
+        solver = _ggml_solver(types, opts, report)
+
+        def solve_set(mods, H):  # a type without a grid here keeps llama.cpp's rounding (none in its K/0 mixes)
+            ours = [(n, m) for n, m in mods if n in types]
+            rest = [(n, m, ggml_grid.dequantize_blocks(stored[n][1], stored[n][0], tuple(m.weight.shape)),
+                     tensors[n]) for n, m in mods if n not in types]
+            return (solver(ours, H) if ours else []) + rest
+
+        tensors.update(_gptq_layers(bundle, opts, device, progress, report, solve_set))
+    report["llama_cpp_rounded"] = sorted(n for n in stored if n not in types or opts.method != "gptq")
+    qconfig = {"quant_method": GGUF_METHOD, "ggml_ftype": ftype, "toolkit_method": opts.method,
+               "desc_act": opts.act_order, "damp_percent": opts.damp,
+               "tensor_types": {n: t for n, (t, _) in sorted(stored.items())},
+               "format": "P.ggml_blocks uint8 [rows, bytes]: the tensor as llama.cpp's GGUF stores it (Hugging Face "
+                         "row order); its GGML type in tensor_types"}
+    return tensors, qconfig
+
+
 def quantize_checkpoint(bundle: ModelBundle, out: Path, kind: str, opts: Int4Options | None = None,
-                        device: str = "cpu", progress: Callable[[int, int], None] = lambda done, total: None) -> dict:
+                        device: str = "cpu", progress: Callable[[int, int], None] = lambda done, total: None,
+                        threads: int = 1) -> dict:
     """Write the quantized Hugging Face folder into `out` (an empty folder); returns a report."""
     from toolkit.checkpoints.hf_writer import save_hf
 
@@ -184,10 +289,12 @@ def quantize_checkpoint(bundle: ModelBundle, out: Path, kind: str, opts: Int4Opt
                    "weight_only": True, "modules_not_quantized": ["model.embed_tokens", "lm_head"],
                    "format": "P.weight int8 [out, in], P.weight_scale float32 [out]; "
                              "weight = weight_scale[:, None] * weight"}
+    elif opts.target != "gptq-v1":
+        tensors, qconfig = _ggml_checkpoint(bundle, out, opts, device, progress, report, threads)
     else:
         check_group_size(bundle, opts.group_size)
         if opts.method == "gptq":
-            tensors = _gptq_layers(bundle, opts, device, progress, report)
+            tensors = _gptq_layers(bundle, opts, device, progress, report, _v1_solver(opts, report))
         else:
             grid = Grid(4, opts.group_size, opts.sym)
             tensors = {}
@@ -261,6 +368,7 @@ def run_int4(src: Path, dest: Path, opts: Int4Options, ctx: RunContext) -> Outco
                            "the defaults are 512, 128 and 0.01")
     if opts.embed_bits not in (16, 8):
         raise ToolkitError(f"--embed-bits {opts.embed_bits} is not supported", "use 16 (as stored) or 8")
+    check_target(opts)
     device = opts.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -277,8 +385,9 @@ def _run(kind: str, src: Path, dest: Path, opts: Int4Options | None, device: str
 
     bundle = ctx.load(src)
     refuse_quantized(bundle)
-    if opts is not None:
+    if opts is not None and opts.target == "gptq-v1":
         check_group_size(bundle, opts.group_size)
+    if opts is not None:
         if opts.method == "gptq":
             calibration_ids(bundle, opts)  # bad calibration text fails before any work
     what = "layers" if opts is not None and opts.method == "gptq" else "linear layers"
@@ -287,7 +396,7 @@ def _run(kind: str, src: Path, dest: Path, opts: Int4Options | None, device: str
     with atomic_output(dest, ctx.force, directory=True) as work:
         with bar as progress:
             try:
-                report = quantize_checkpoint(bundle, work, kind, opts, device, progress)
+                report = quantize_checkpoint(bundle, work, kind, opts, device, progress, ctx.threads)
             except FloatingPointError as e:
                 raise ToolkitError(f"quantization failed: {e}", "raise --damp or give more calibration text")
         report["verification"] = verify_checkpoint(bundle, work, kind)

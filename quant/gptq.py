@@ -13,6 +13,9 @@ time and spread each column's rounding error over the columns not yet quantized,
   original column order, so g_idx stays i // group_size and kernels need no reordering.
 Rows are independent (each row's error spreads only along that row), so layers sharing an input (q/k/v, gate/up)
 are solved as one stacked matrix.
+
+`gptq_on_grid` runs the same column loop against llama.cpp's block grids (quant/ggml_grid.py), so the codes are a
+GGUF type's own (Q4_K super-blocks with 6-bit sub-block scales, Q6_K, Q5_0, ...).
 """
 from __future__ import annotations
 
@@ -67,40 +70,75 @@ def _inverse_factor(H: torch.Tensor, damp: float) -> tuple[torch.Tensor, float, 
         damp, retries = min(1.0, damp * 10), retries + 1
 
 
-def gptq(W: torch.Tensor, H: torch.Tensor, grid: Grid, damp: float = 0.01, act_order: bool = False) -> GPTQResult:
+def _solve_columns(W: torch.Tensor, H: torch.Tensor, damp: float, act_order: bool, column,
+                   block: int = BLOCK) -> tuple:
+    """GPTQ's column loop (dead inputs, dampening, act-order, lazy 128-column blocks). `column(j, w, W1, i)` rounds
+    column j of the original order (w: its current values, W1[:, i] the same column inside the block being
+    solved) and returns (codes, rounded values)."""
     W = W.float().clone()
     H = H.float().clone()
-    out_f, in_f = W.shape
+    in_f = W.shape[1]
     dead = torch.diag(H) == 0
     H[dead, dead] = 1
     W[:, dead] = 0
-    width, n_groups = grid.width(in_f), grid.groups(in_f)
-    scales, zeros = torch.empty(n_groups, out_f, device=W.device), torch.empty(n_groups, out_f, device=W.device)
-    static = act_order or grid.group_size == -1
-    if static:  # parameters from the original weights, in the original column order
-        for g in range(n_groups):
-            scales[g], zeros[g] = params(W[:, g * width:(g + 1) * width], grid)
     perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(in_f, device=W.device)
     W, H = W[:, perm], H[perm][:, perm]
-    group_of = (perm // width) if grid.group_size != -1 else torch.zeros_like(perm)
     U, used_damp, retries = _inverse_factor(H, damp)
     Q = torch.zeros_like(W)
-    for i1 in range(0, in_f, BLOCK):
-        i2 = min(i1 + BLOCK, in_f)
+    for i1 in range(0, in_f, block):
+        i2 = min(i1 + block, in_f)
         W1 = W[:, i1:i2].clone()
         Q1, Err1 = torch.zeros_like(W1), torch.zeros_like(W1)
         U1 = U[i1:i2, i1:i2]
         for i in range(i2 - i1):
             w, d = W1[:, i], U1[i, i]
-            g = group_of[i1 + i]
-            if not static and (i1 + i) % width == 0:  # width divides BLOCK: the group lies inside this block
-                scales[g], zeros[g] = params(W1[:, i:i + width], grid)
-            q = quantize(w[:, None], scales[g], zeros[g], grid.maxq)[:, 0]
+            q, rounded = column(int(perm[i1 + i]), w, W1, i)
             Q1[:, i] = q
-            err = (w - scales[g] * (q - zeros[g])) / d
+            err = (w - rounded) / d
             W1[:, i:] -= err[:, None] @ U1[i, i:][None, :]
             Err1[:, i] = err
         Q[:, i1:i2] = Q1
         W[:, i2:] -= Err1 @ U[i1:i2, i2:]
-    inverse = torch.argsort(perm)
-    return GPTQResult(Q[:, inverse], scales, zeros, used_damp, retries)
+    return Q[:, torch.argsort(perm)], used_damp, retries
+
+
+def gptq(W: torch.Tensor, H: torch.Tensor, grid: Grid, damp: float = 0.01, act_order: bool = False) -> GPTQResult:
+    out_f, in_f = W.shape
+    width, n_groups = grid.width(in_f), grid.groups(in_f)
+    scales, zeros = torch.empty(n_groups, out_f, device=W.device), torch.empty(n_groups, out_f, device=W.device)
+    static = act_order or grid.group_size == -1
+    if static:  # parameters from the original weights (dead inputs zeroed), in the original column order
+        W0 = torch.where(torch.diag(H) == 0, torch.zeros_like(W), W.float())
+        for g in range(n_groups):
+            scales[g], zeros[g] = params(W0[:, g * width:(g + 1) * width], grid)
+
+    def column(j, w, W1, i):
+        g = j // width if grid.group_size != -1 else 0
+        if not static and j % width == 0:  # width divides BLOCK: the group lies inside this block
+            scales[g], zeros[g] = params(W1[:, i:i + width], grid)
+        q = quantize(w[:, None], scales[g], zeros[g], grid.maxq)[:, 0]
+        return q, scales[g] * (q - zeros[g])
+
+    Q, used_damp, retries = _solve_columns(W, H, damp, act_order, column)
+    return GPTQResult(Q, scales, zeros, used_damp, retries)
+
+
+def gptq_on_grid(W: torch.Tensor, H: torch.Tensor, grid, damp: float = 0.01,
+                 act_order: bool = False) -> tuple[torch.Tensor, float, int]:
+    """GPTQ against llama.cpp's block grids (quant/ggml_grid.py: Q4_K, Q6_K, Q5_0, ...): (codes [out, in],
+    dampening used, retries). `grid` holds the scales solved from the original weights; without act-order each
+    super-block's scales are solved again from the error-updated weights when its first column comes up (as GPTQ's
+    groups), with act-order they stay as given (static). The importance is the Hessian's diagonal."""
+    from quant.ggml_grid import GEOMETRY
+
+    sup = GEOMETRY[grid.qtype][2]
+    importance = torch.diag(H)
+
+    def column(j, w, W1, i):
+        if not act_order and j % sup == 0:  # the super-block lies inside this block (BLOCK is a multiple)
+            grid.resolve(j, W1[:, i:i + sup], importance[j:j + sup])
+        q = grid.codes(w[:, None], slice(j, j + 1))
+        return q[:, 0], grid.values(q, slice(j, j + 1))[:, 0]
+
+    return _solve_columns(W, H, damp, act_order, column, block=max(BLOCK, sup))
+

@@ -14,9 +14,20 @@ class Int8Options:
     """Nothing to choose: symmetric per output channel."""
 
 
+# `--target gguf:TYPE`: llama.cpp file types whose codes GPTQ solves on the type's own block grids
+GGUF_TARGETS = {"q4_0": 32, "q4_k_m": 32, "q5_k_m": 32, "q6_k": 16}  # -> the weights per scale of its main type
+
+
 @dataclass
 class Int4Options:
     method: str = option("gptq", "gptq (calibrated, error-compensating) or rtn (round-to-nearest).")
+    target: str = option("gptq-v1", "Grid the codes are solved on. gptq-v1: GPTQ-v1 groups (--group-size, "
+                                    "--sym), read by transformers/GPTQModel and put unchanged into ONNX MatMulNBits "
+                                    "(--format onnx, export onnx) and MNN (export mnn --bits 4 --group-size G). "
+                                    "gguf:q4_0|q4_k_m|q5_k_m|q6_k: llama.cpp's blocks with llama-quantize's "
+                                    "per-tensor mix for that file type (K-quant super-blocks, 6-bit sub-block "
+                                    "scales; embedding/head rounded by llama.cpp); `export gguf --outtype TYPE` "
+                                    "writes the codes unchanged.")
     group_size: int = option(128, "Weights per scale: 32, 64, 128 or -1 (one per row).")
     sym: bool = option(True, "Symmetric grid (zero point 8) or asymmetric (min/max per group).", "--sym/--asym")
     act_order: bool = option(False, "GPTQ: quantize columns in order of decreasing Hessian diagonal (static "
@@ -44,5 +55,6 @@ TARGETS = (
     Target(name="int4", summary="a quantized checkpoint (Hugging Face folder)", entry="run_int4", options=Int4Options,
            help="GPTQ or RTN of every linear layer of the decoder blocks, saved as GPTQ-v1 tensors (qweight, "
                 "qzeros, scales, g_idx; quant_method gptq).",
-           default_dest=lambda src, opts: beside(src, f"-{opts.method}4-g{opts.group_size}"), **CHECKPOINT),
+           default_dest=lambda src, opts: beside(src, f"-{opts.method}4-g{opts.group_size}" if opts.target == "gptq-v1"
+                                                 else f"-{opts.method}-{opts.target.split(':')[-1]}"), **CHECKPOINT),
 )

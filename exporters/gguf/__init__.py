@@ -3,6 +3,8 @@ against the reference model, then move into place); this module only declares th
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
 
 from toolkit.core.targets import Target, beside, option
 
@@ -11,6 +13,10 @@ from toolkit.core.targets import Target, beside, option
 class GGUFOptions:
     outtype: str = option("f16", "f32, f16, bf16, q8_0, q4_0, or llama.cpp's K-quants q4_k_m, q5_k_m, q6_k (norms "
                                  "and routers stay f32).")
+    calib: Optional[Path] = option(None, "Calibration text for q4_0 and the K-quants: each weight's rounding error "
+                                         "weighted by its input column's activation energy (llama.cpp's imatrix "
+                                         "idea) on llama.cpp's grids and tensor mix. A `quantize int4 --target "
+                                         "gguf:TYPE` checkpoint needs none: its GPTQ codes go in unchanged.")
     verify: bool = option(True, "Load the file in llama.cpp and compare logits and tokenization with the reference "
                                 "model before keeping it.")
 

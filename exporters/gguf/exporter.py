@@ -29,6 +29,7 @@ LLAMA_QUANTIZED = {"q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M", "q5_k_m": "LLAMA_FTYPE
                    "q6_k": "LLAMA_FTYPE_MOSTLY_Q6_K", "q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0"}
 KQUANTS = {k: v for k, v in LLAMA_QUANTIZED.items() if k != "q4_0"}
 ALL_TYPES = [*OUTTYPES, *KQUANTS]
+IMPORTANCE_SAMPLES = 64  # calibration samples of 512 tokens for --calib (the activation energies settle well before)
 # the tokenizer check: a text of every kind llama.cpp's pre-tokenizers treat differently
 TOKENIZER_TEXT = ("The quick brown fox jumps over the lazy dog. def main():\n    return 42\n"
                   "你好，世界！今天是2024年3月15日。 Ünïcödé ✓ 🙂🚀 I'M don't   \t\n\n 3.14159")
@@ -62,10 +63,11 @@ def verify(bundle: ModelBundle, path: Path, outtype: str, threads: int = 1, verb
 
 def export(bundle: ModelBundle, out: Path, outtype: str = "f16", verify_file: bool = True, force: bool = False,
            threads: int = 1, verbose: bool = False,
-           progress: Callable[[str, int, int], None] | None = None) -> GGUFReport:
+           progress: Callable[[str, int, int], None] | None = None, calib: Path | None = None) -> GGUFReport:
     if outtype not in ALL_TYPES:
         raise ToolkitError(f"unknown GGUF type '{outtype}'", f"choose one of: {', '.join(ALL_TYPES)}")
     out = Path(out)
+    calibration = _calibration(bundle, outtype, calib)  # bad calibration text fails before any work
     if out.suffix != ".gguf":
         raise ToolkitError(f"{out} does not end in .gguf", "name the output FILE.gguf")
     manifest = manifest_path(out)
@@ -76,7 +78,8 @@ def export(bundle: ModelBundle, out: Path, outtype: str = "f16", verify_file: bo
     with atomic_output(out, force) as partial, atomic_output(manifest, force) as partial_manifest, \
             atomic_output(modelfile, force) as partial_modelfile:
         if outtype in LLAMA_QUANTIZED and not (outtype == "q4_0" and gptq_q4_0_exact(bundle)):
-            report = _k_quantize(bundle, partial, outtype, threads, progress)
+            report = llama_quantize(bundle, partial, outtype, threads, progress)
+            _place_codes(bundle, partial, outtype, calibration, report)
         else:
             report = write_gguf(bundle, partial, outtype, progress)
         if verify_file:
@@ -90,7 +93,87 @@ def export(bundle: ModelBundle, out: Path, outtype: str = "f16", verify_file: bo
     return report
 
 
-def _k_quantize(bundle: ModelBundle, partial: Path, outtype: str, threads: int,
+def _calibration(bundle: ModelBundle, outtype: str, calib: Path | None):
+    """Calibration ids for importance-weighted rounding (--calib), checked up front; None without --calib."""
+    if calib is None:
+        return None
+    if outtype not in LLAMA_QUANTIZED:
+        raise ToolkitError(f"--calib applies to q4_0 and the K-quants, not {outtype}",
+                           "drop --calib, or choose --outtype q4_0|q4_k_m|q5_k_m|q6_k")
+    if bundle.provenance.get("quantization"):
+        raise ToolkitError("--calib rounds full-precision weights; this checkpoint is already quantized",
+                           "export the original checkpoint with --calib, or this one without it")
+    from quant.checkpoint import calibration_ids
+    from quant.targets import Int4Options
+
+    return calibration_ids(bundle, Int4Options(calib=Path(calib), nsamples=IMPORTANCE_SAMPLES, seqlen=512))
+
+
+def _place_codes(bundle: ModelBundle, partial: Path, outtype: str, calibration, report: GGUFReport) -> None:
+    """Into llama.cpp's file (its tensor mix, its rounding): a `--target gguf:TYPE` checkpoint's own codes, or
+    importance-weighted rounding from --calib. Anything re-rounded by llama.cpp instead is said (warning, manifest)."""
+    from exporters.gguf import blocks
+    from toolkit.core.quantized import GGUF_METHOD
+
+    q = bundle.provenance.get("quantization") or {}
+    if q.get("quant_method") == GGUF_METHOD:
+        if q.get("ggml_ftype") != outtype:
+            report.warnings.append(f"re-quantized: the checkpoint holds codes for {q.get('ggml_ftype')}; llama.cpp "
+                                   f"rounded its dequantized weights to {outtype} (export with --outtype "
+                                   f"{q.get('ggml_ftype')} to keep them)")
+            report.rounding = {"method": f"llama.cpp's quantizer on the dequantized {q.get('ggml_ftype')} weights "
+                                         "(re-quantized)", "requantized": True}
+            return
+        in_file = blocks.read_blocks(partial)
+        placed, other = {}, []
+        for hf, gname in blocks.gguf_names(bundle).items():
+            stored_type = (q.get("tensor_types") or {}).get(hf)
+            if hf not in bundle.quantized_parts or gname not in in_file:
+                continue
+            if in_file[gname][0] != stored_type:
+                other.append(f"{gname} ({stored_type} in the checkpoint, {in_file[gname][0]} here)")
+                continue
+            stored = bundle.quantized_parts[hf]()["ggml_blocks"].numpy()
+            placed[gname] = (stored_type, blocks.to_file_rows(hf, stored, bundle.config))
+        blocks.patch(partial, placed)
+        if other:
+            report.warnings.append(f"re-quantized by llama.cpp: {len(other)} tensors whose type differs from the "
+                                   f"checkpoint's: {', '.join(other[:4])}")
+        report.rounding = {"method": f"the checkpoint's {q.get('toolkit_method', '')} codes on llama.cpp's "
+                                     f"{outtype} grids, written unchanged", "tensors_kept": len(placed),
+                           "requantized": len(other)}
+        return
+    if q.get("quant_method"):
+        report.warnings.append(f"re-quantized: llama.cpp rounded the {q.get('quant_method')} checkpoint's "
+                               f"dequantized weights to {outtype} (only `quantize int4 --target gguf:{outtype}` "
+                               "codes, and symmetric group-32 GPTQ for q4_0, go in unchanged)")
+        report.rounding = {"method": f"llama.cpp's quantizer on the dequantized {q.get('quant_method')} weights "
+                                     "(re-quantized)", "requantized": True}
+        return
+    if calibration is None:
+        return
+    import torch
+
+    from quant import ggml_grid
+    from quant.importance import input_energy
+
+    energy = input_energy(bundle, calibration)
+    in_file = blocks.read_blocks(partial)
+    placed = {}
+    for hf, gname in blocks.gguf_names(bundle).items():
+        qtype = in_file.get(gname, ("", None))[0]
+        if hf not in energy or qtype not in ggml_grid.GEOMETRY:
+            continue
+        W = bundle.load(hf, torch.float32)
+        grid = ggml_grid.solve(W, qtype, energy[hf])
+        placed[gname] = (qtype, blocks.to_file_rows(hf, ggml_grid.pack(grid, grid.codes(W)), bundle.config))
+    blocks.patch(partial, placed)
+    report.rounding = {"method": "importance-weighted rounding (per-column activation energy, llama.cpp's imatrix "
+                                 "idea) on llama.cpp's grids", "tensors": len(placed),
+                       "calibration_tokens": int(calibration.numel())}
+
+
+def llama_quantize(bundle: ModelBundle, partial: Path, outtype: str, threads: int,
                 progress: Callable[[str, int, int], None] | None) -> GGUFReport:
     """llama.cpp's quantizer on an f32 file; its per-tensor fallbacks (rows not a multiple of 256) are reported."""
     import ctypes
@@ -130,10 +213,13 @@ def run(src: Path, dest: Path, opts, ctx: RunContext) -> Outcome:
     """The target's entry (exporters/gguf/__init__.py): load, export, and the closing line."""
     from toolkit.core.verify import verified_line
 
-    report = export(ctx.load(src), dest, opts.outtype, opts.verify, ctx.force, ctx.threads, ctx.verbose)
+    report = export(ctx.load(src), dest, opts.outtype, opts.verify, ctx.force, ctx.threads, ctx.verbose,
+                    calib=opts.calib)
     v = report.verification
     checked = f"verified in llama.cpp ({verified_line(v)}), tokenizer identical" if v else "not verified"
     types = ", ".join(f"{n} {k}" for k, n in sorted(report.tensor_types.items()))
+    if report.rounding and not report.rounding.get("requantized"):
+        checked += f"; {report.rounding['method']}"
     return Outcome(dest, f"{report.arch} {opts.outtype}: {report.size_bytes / 1e6:.1f} MB, "
                          f"{report.bits_per_weight:.2f} bits/weight ({types}), {report.seconds:.1f} s; {checked}",
                    [("fallback", line) for line in report.fallbacks] + [("warning", w) for w in report.warnings],

@@ -38,6 +38,8 @@ class GGUFReport:
     verification: dict[str, Any] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     tensor_types: dict[str, int] = field(default_factory=dict)  # GGML type -> tensor count
+    # codes placed into llama.cpp's file (exporters/gguf/blocks.py): {"method", "tensors", ...}; None: llama.cpp's
+    rounding = None
 
     @property
     def bits_per_weight(self) -> float:
@@ -192,7 +194,9 @@ def write_manifest(report: GGUFReport, bundle: ModelBundle, path: Path, source_h
     details = {"gguf_arch": report.arch, "bits_per_weight": report.bits_per_weight,
                "tensor_types": report.tensor_types, "fallbacks": report.fallbacks}
     repacked = report.outtype == "q4_0" and gptq_q4_0_exact(bundle)
-    if bundle.provenance.get("quantization"):
+    if report.rounding:
+        details["from_quantized_checkpoint"] = report.rounding["method"]
+    elif bundle.provenance.get("quantization"):
         details["from_quantized_checkpoint"] = (
             "Q4_0 blocks repacked from the GPTQ codes and fp16 scales (lossless)" if repacked else
             f"{report.outtype} written from the checkpoint's dequantized weights (re-quantized where the type is "
@@ -200,6 +204,8 @@ def write_manifest(report: GGUFReport, bundle: ModelBundle, path: Path, source_h
     quantization = None
     if report.outtype == "q8_0":
         quantization = {"method": "Q8_0 blocks written here (llama.cpp's rounding)", "type": "q8_0"}
+    if report.rounding:
+        quantization = {**report.rounding, "type": report.outtype}
     elif report.outtype not in ("f32", "f16", "bf16"):
         quantization = {"method": "GPTQ codes repacked into Q4_0" if repacked else
                         "llama.cpp's quantizer (llama_model_quantize)", "type": report.outtype}

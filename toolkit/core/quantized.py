@@ -1,5 +1,6 @@
-"""Quantized checkpoint folders as the loaders read them: this project's int8 layout and GPTQ-v1 4-bit tensors,
-turned into float32 weights on load (the writing side is quant/checkpoint.py)."""
+"""Quantized checkpoint folders as the loaders read them: this project's int8 layout, GPTQ-v1 4-bit tensors and
+llama.cpp blocks (`toolkit_gguf`: codes solved on a GGUF type's own grid), turned into float32 weights on load (the
+writing side is quant/checkpoint.py)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -10,6 +11,9 @@ from toolkit.core import gptq_format
 from toolkit.core.errors import ToolkitError
 
 INT8_METHOD = "toolkit_int8"
+# `P.ggml_blocks` uint8 [rows, bytes]: the tensor exactly as a GGUF file stores it, in Hugging Face row order; its
+# GGML type per weight name in quantization_config.tensor_types, the llama.cpp file type in ggml_ftype
+GGUF_METHOD = "toolkit_gguf"
 EMBED = "model.embed_tokens.weight"
 
 
@@ -25,9 +29,11 @@ def dequantized_refs(refs: dict, quantization: dict, path: Path) -> tuple[dict, 
         suffix, parts = "qweight", ("qweight", "qzeros", "scales", "g_idx")
     elif method == INT8_METHOD:
         suffix, parts = "weight_scale", ("weight", "weight_scale")
+    elif method == GGUF_METHOD:
+        suffix, parts = "ggml_blocks", ("ggml_blocks",)
     else:
         raise ToolkitError(f"{path}: quantization method '{method}' is not supported",
-                           "the toolkit reads its own int8 folders and 4-bit GPTQ (v1) folders")
+                           "the toolkit reads its own int8 and GGUF-block folders and 4-bit GPTQ (v1) folders")
     out, raw = dict(refs), {}
     for name in [n for n in refs if n.endswith("." + suffix)]:
         prefix = name[: -len(suffix)]
@@ -36,13 +42,15 @@ def dequantized_refs(refs: dict, quantization: dict, path: Path) -> tuple[dict, 
             raise ToolkitError(f"{path}: quantized layer {prefix[:-1]} lacks {missing[0]}", "the folder is damaged")
         members = {p: out.pop(prefix + p) for p in parts}
         load_parts = lambda m=members: {p: r.load() for p, r in m.items()}  # noqa: E731
+        weight = prefix + "weight"
         if method == "gptq":
             shape = (members["qweight"].shape[1], members["qweight"].shape[0] * gptq_format.PER_INT)
             fn = lambda load=load_parts: gptq_format.dequantize(load())  # noqa: E731
+        elif method == GGUF_METHOD:
+            shape, fn = _ggml_weight(weight, members["ggml_blocks"].shape, quantization, path, load_parts)
         else:
             shape = members["weight"].shape
             fn = lambda load=load_parts: _int8_dequantize(load())  # noqa: E731
-        weight = prefix + "weight"
         out[weight] = TensorRef(weight, tuple(shape), torch.float32, fn)
         raw[weight] = load_parts
     if method == "gptq" and quantization.get("toolkit_embed_bits") == 8:
@@ -53,6 +61,26 @@ def dequantized_refs(refs: dict, quantization: dict, path: Path) -> tuple[dict, 
         out[EMBED] = TensorRef(EMBED, tuple(members["weight"].shape), torch.float32,
                                lambda m=members: _int8_dequantize({p: r.load() for p, r in m.items()}))
     return out, raw
+
+
+def _ggml_weight(weight: str, byte_shape, quantization: dict, path: Path, load_parts):
+    """(shape, loader of float32 values) of a weight stored as GGUF blocks."""
+    import gguf
+
+    qtype = (quantization.get("tensor_types") or {}).get(weight)
+    if qtype not in gguf.GGMLQuantizationType.__members__:
+        raise ToolkitError(f"{path}: no GGML type recorded for {weight} (tensor_types: {qtype!r})",
+                           "the folder is damaged")
+    ggml = gguf.GGMLQuantizationType[qtype]
+    shape = tuple(gguf.quants.quant_shape_from_byte_shape(tuple(byte_shape), ggml))
+
+    def load() -> torch.Tensor:
+        import numpy as np
+
+        blocks = load_parts()["ggml_blocks"].numpy()
+        return torch.from_numpy(np.ascontiguousarray(gguf.quants.dequantize(blocks, ggml)).reshape(shape))
+
+    return shape, load
 
 
 def _int8_dequantize(parts: dict[str, torch.Tensor]) -> torch.Tensor:
