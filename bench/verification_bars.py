@@ -117,7 +117,7 @@ def _gguf_rows(bundle, hf: Path, ids, args, record, converter: Path) -> None:
     import llama_cpp
 
     from exporters.gguf import tensors as gguf_tensors
-    from exporters.gguf.exporter import LLAMA_QUANTIZED, _k_quantize
+    from exporters.gguf.exporter import LLAMA_QUANTIZED, llama_quantize
     from exporters.gguf.writer import write_gguf
 
     work = args.work
@@ -139,7 +139,7 @@ def _gguf_rows(bundle, hf: Path, ids, args, record, converter: Path) -> None:
         ours = work / f"ours-{t}.gguf"
         ours.unlink(missing_ok=True)
         if t in LLAMA_QUANTIZED:
-            _k_quantize(bundle, ours, t, args.threads, None)
+            llama_quantize(bundle, ours, t, args.threads, None)
         else:
             write_gguf(bundle, ours, t)
         record("gguf", f"gguf:{t}", "toolkit", _llama_logits(ours, ids, args.threads))
@@ -152,11 +152,11 @@ def _gguf_rows(bundle, hf: Path, ids, args, record, converter: Path) -> None:
                 original = gguf_tensors.pair_permuted_heads
                 gguf_tensors.pair_permuted_heads = lambda name, cfg: None
                 try:
-                    _k_quantize(bundle, path, t, args.threads, None) if t in LLAMA_QUANTIZED else write_gguf(bundle, path, t)
+                    llama_quantize(bundle, path, t, args.threads, None) if t in LLAMA_QUANTIZED else write_gguf(bundle, path, t)
                 finally:
                     gguf_tensors.pair_permuted_heads = original
             else:
-                _k_quantize(mutated, path, t, args.threads, None) if t in LLAMA_QUANTIZED else write_gguf(mutated, path, t)
+                llama_quantize(mutated, path, t, args.threads, None) if t in LLAMA_QUANTIZED else write_gguf(mutated, path, t)
             record("gguf", f"gguf:{t}", f"mutation:{name}", _llama_logits(path, ids, args.threads))
             path.unlink()
 
