@@ -103,10 +103,13 @@ def main() -> None:
         if not v1.exists():
             run(*toolkit, "quantize", "int4", hf, "--group-size", "32", "--act-order", "--calib", calib, "-o", v1,
                 *threads)
-        made = {"onnx-int4-rtn": [hf, "--format", "onnx"], "onnx-int4-gptq": [v1, "--format", "onnx"]}
-        for name, src in made.items():
+        # ONNX Runtime's RTN (quantize --format onnx) vs the GPTQ codes in MatMulNBits (export onnx --variant ort of
+        # the GPTQ checkpoint writes them as they are)
+        made = {"onnx-int4-rtn": ["quantize", "int4", hf, "--format", "onnx"],
+                "onnx-int4-gptq": ["export", "onnx", v1, "--variant", "ort"]}
+        for name, cmd in made.items():
             if not (work / name).exists():
-                run(*toolkit, "quantize", "int4", *src, "-o", work / name, *threads)
+                run(*toolkit, *cmd, "-o", work / name, *threads)
             rows.append(work / name)
         for name, src in {"mnn-4bit-g32": hf, "mnn-4bit-gptq-g32": v1}.items():
             if not (work / name).exists():
