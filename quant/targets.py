@@ -23,7 +23,7 @@ class Int4Options:
     method: str = option("gptq", "gptq (calibrated, error-compensating) or rtn (round-to-nearest).")
     target: str = option("gptq-v1", "Grid the codes are solved on. gptq-v1: GPTQ-v1 groups (--group-size, "
                                     "--sym), read by transformers/GPTQModel and put unchanged into ONNX MatMulNBits "
-                                    "(--format onnx, export onnx) and MNN (export mnn --bits 4 --group-size G). "
+                                    "(export onnx --variant ort) and MNN (export mnn --bits 4 --group-size G). "
                                     "gguf:q4_0|q4_k_m|q5_k_m|q6_k: llama.cpp's blocks with llama-quantize's "
                                     "per-tensor mix for that file type (K-quant super-blocks, 6-bit sub-block "
                                     "scales; embedding/head rounded by llama.cpp); `export gguf --outtype TYPE` "
