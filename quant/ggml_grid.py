@@ -44,10 +44,14 @@ class BlockGrid:
     def maxq(self) -> int:
         return GEOMETRY[self.qtype][1]
 
+    def _sub_blocks(self, cols: slice | None, width: int, device) -> torch.Tensor:
+        """The sub-block of each of `width` columns starting at cols.start (at 0 when cols is None)."""
+        start = 0 if cols is None else cols.start
+        return torch.arange(start, start + width, device=device) // self.sub
+
     def codes(self, w: torch.Tensor, cols: slice | None = None) -> torch.Tensor:
         """Round-to-nearest codes of w [rows, k] (the columns `cols` of the tensor; all when None)."""
-        cols = cols or slice(0, w.shape[1])
-        g = torch.arange(cols.start, cols.start + w.shape[1], device=w.device) // self.sub
+        g = self._sub_blocks(cols, w.shape[1], w.device)
         scale, offset = self.scale[:, g], self.offset[:, g]
         safe = torch.where(scale == 0, torch.ones_like(scale), scale)
         q = torch.round((w.float() - offset) / safe).clamp(0, self.maxq)
@@ -65,8 +69,7 @@ class BlockGrid:
             self.stored[name][:, k:k + 1] = value
 
     def values(self, codes: torch.Tensor, cols: slice | None = None) -> torch.Tensor:
-        cols = cols or slice(0, codes.shape[1])
-        g = torch.arange(cols.start, cols.start + codes.shape[1], device=codes.device) // self.sub
+        g = self._sub_blocks(cols, codes.shape[1], codes.device)
         return self.offset[:, g] + self.scale[:, g] * codes
 
 
@@ -253,7 +256,8 @@ def ggml_type(qtype: str):
 
 
 def dequantize_blocks(blocks: np.ndarray, qtype: str, shape: tuple[int, int]) -> torch.Tensor:
-    """gguf-py's dequantization of stored blocks (the reader's view of the file) as float32 [rows, in]."""
-    import gguf
+    """gguf-py's dequantization of stored blocks (the reader's view of the file) as float32 [rows, in]: what the
+    checkpoint loader computes (toolkit/core/quantized.py)."""
+    from toolkit.core.quantized import ggml_dequantize
 
-    return torch.from_numpy(np.ascontiguousarray(gguf.quants.dequantize(blocks, ggml_type(qtype))).reshape(shape))
+    return ggml_dequantize(blocks, qtype, shape)

@@ -39,7 +39,7 @@ class GGUFReport:
     warnings: list[str] = field(default_factory=list)
     tensor_types: dict[str, int] = field(default_factory=dict)  # GGML type -> tensor count
     # codes placed into llama.cpp's file (exporters/gguf/blocks.py): {"method", "tensors", ...}; None: llama.cpp's
-    rounding = None
+    rounding: dict[str, Any] | None = None
 
     @property
     def bits_per_weight(self) -> float:

@@ -27,11 +27,11 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from exporters.mnn import gptq_codes
-from exporters.mnn.exporter import check_options, judge_prefill_and_steps, rope_tables
+from exporters.mnn.exporter import MnnReport, check_options, judge_prefill_and_steps, rope_tables
 from runtimes import EngineText
 from toolkit.core import manifest
 from toolkit.core.bundle import ModelBundle
@@ -47,16 +47,9 @@ CHAT_PROBE = [{"role": "system", "content": "You are terse."}, {"role": "user", 
 
 
 @dataclass
-class EngineReport:
-    path: str
-    bits: int
-    group_size: int
-    hqq: bool
-    memory: str
-    size_bytes: int
-    seconds: float
-    verification: dict | None = None
-    warnings: list[str] = field(default_factory=list)
+class EngineReport(MnnReport):
+    """The module layout's report, plus the engine folder's memory mode and GPTQ carry."""
+    memory: str = "low"
     gptq: dict | None = None  # GPTQ's codes carried into MNN's blocks (gptq_codes.carry's figures)
 
 
@@ -242,7 +235,7 @@ def export(bundle: ModelBundle, out: Path, bits: int = 4, group_size: int = 64, 
         if carry_gptq:
             log("writing GPTQ's codes into MNN's 4-bit blocks")
             gptq = gptq_codes.carry(bundle, work, group_size)
-        report = EngineReport(str(out), bits, group_size, hqq, memory, folder_size(work), 0.0, gptq=gptq)
+        report = EngineReport(str(out), bits, group_size, hqq, folder_size(work), 0.0, memory=memory, gptq=gptq)
         report.warnings += [requantized] if requantized else []
         report.warnings += [f"re-quantized by MNN, not GPTQ's codes: {line}"
                             for line in (gptq or {}).get("requantized_layers", [])]

@@ -71,16 +71,17 @@ def _ggml_weight(weight: str, byte_shape, quantization: dict, path: Path, load_p
     if qtype not in gguf.GGMLQuantizationType.__members__:
         raise ToolkitError(f"{path}: no GGML type recorded for {weight} (tensor_types: {qtype!r})",
                            "the folder is damaged")
-    ggml = gguf.GGMLQuantizationType[qtype]
-    shape = tuple(gguf.quants.quant_shape_from_byte_shape(tuple(byte_shape), ggml))
+    shape = tuple(gguf.quants.quant_shape_from_byte_shape(tuple(byte_shape), gguf.GGMLQuantizationType[qtype]))
+    return shape, lambda: ggml_dequantize(load_parts()["ggml_blocks"].numpy(), qtype, shape)
 
-    def load() -> torch.Tensor:
-        import numpy as np
 
-        blocks = load_parts()["ggml_blocks"].numpy()
-        return torch.from_numpy(np.ascontiguousarray(gguf.quants.dequantize(blocks, ggml)).reshape(shape))
+def ggml_dequantize(blocks, qtype: str, shape: tuple[int, ...]) -> torch.Tensor:
+    """gguf-py's dequantization of stored GGUF blocks (uint8 [rows, bytes]) as float32 of `shape`."""
+    import gguf
+    import numpy as np
 
-    return shape, load
+    values = gguf.quants.dequantize(blocks, gguf.GGMLQuantizationType[qtype])
+    return torch.from_numpy(np.ascontiguousarray(values).reshape(shape))
 
 
 def _int8_dequantize(parts: dict[str, torch.Tensor]) -> torch.Tensor:
