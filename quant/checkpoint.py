@@ -98,27 +98,10 @@ def check_target(opts: Int4Options) -> None:
 
 
 def calibration_ids(bundle: ModelBundle, opts: Int4Options) -> torch.Tensor:
-    """[n, seqlen] token ids: consecutive chunks of the calibration text (never the held-out text)."""
-    path = opts.calib
-    if path is None:
-        base = Path(bundle.provenance.get("path", ""))
-        path = (base if base.is_dir() else base.parent) / "calib.txt"
-        if not path.is_file():
-            raise ToolkitError(f"no calibration text: {path} does not exist",
-                               "pass --calib FILE (a sample of the training text, not the held-out text)")
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise ToolkitError(f"cannot read calibration text {path}: {e}", "pass a UTF-8 text file") from None
-    if not text.strip():
-        raise ToolkitError(f"calibration text {path} is empty", "pass a sample of the training text with --calib")
-    ids = bundle.tokenizer.encode(text, add_bos=False)
-    seqlen = opts.seqlen
-    if len(ids) < seqlen:
-        raise ToolkitError(f"calibration text {path} has {len(ids)} tokens, less than one sample of --seqlen "
-                           f"{seqlen}", "give more text with --calib or a smaller --seqlen")
-    n = min(opts.nsamples, len(ids) // seqlen)
-    return torch.tensor(ids[: n * seqlen]).reshape(n, seqlen)
+    """[n, seqlen] token ids of the options' calibration text (toolkit/core/calibration.py)."""
+    from toolkit.core import calibration
+
+    return calibration.calibration_ids(bundle, opts.calib, opts.nsamples, opts.seqlen)
 
 
 def _int8(w: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -197,8 +180,8 @@ def _ggml_solver(types: dict[str, str], opts: Int4Options, report: dict) -> Call
     """GPTQ on each layer's llama.cpp block grid (`types`: weight name -> GGML type of llama.cpp's mix): the grid's
     scales solved first from the weights, weighted by the Hessian's diagonal (the imatrix), then GPTQ's column
     updates against it; stored as the blocks the GGUF file holds (toolkit/core/quantized.py's toolkit_gguf)."""
-    from quant import ggml_grid
     from quant.gptq import gptq_on_grid
+    from toolkit.core import ggml_grid
 
     def solve_set(mods, H):
         out = []
@@ -228,25 +211,17 @@ def _shared_input_sets(layer: torch.nn.Module, prefix: str) -> list[list[tuple[s
 
 
 def _ggml_checkpoint(bundle: ModelBundle, out: Path, opts: Int4Options, device: str, progress, report: dict,
-                     threads: int) -> tuple[dict, dict]:
+                     threads: int, gguf_blocks: Callable | None) -> tuple[dict, dict]:
     """`--target gguf:TYPE`: llama.cpp's own quantizer makes the file type's tensor mix (and its rounding of the
     embedding/head, kept as it is); GPTQ then solves every decoder linear layer on the grid of the type llama.cpp
     gave it. Stored as the file's blocks, so `export gguf --outtype TYPE` writes them unchanged."""
-    import tempfile
-
-    from exporters.gguf.blocks import from_file_rows, gguf_names, read_blocks
-    from exporters.gguf.exporter import llama_quantize
-    from quant import ggml_grid
+    from toolkit.core import ggml_grid
     from toolkit.core.quantized import GGUF_METHOD
 
+    if gguf_blocks is None:
+        raise RuntimeError("--target gguf:TYPE needs llama.cpp's quantizer: RunContext.gguf_blocks is not set")
     ftype = opts.target.split(":", 1)[1]
-    with tempfile.TemporaryDirectory(dir=out.parent, prefix=".probe-") as tmp:
-        probe = Path(tmp) / "llama.gguf"
-        llama_quantize(bundle, probe, ftype, threads, None)
-        in_file = read_blocks(probe)
-    names = gguf_names(bundle)
-    stored = {hf: (in_file[g][0], from_file_rows(hf, in_file[g][1], bundle.config))
-              for hf, g in names.items() if g in in_file}
+    stored = gguf_blocks(bundle, ftype, threads, out.parent)
     linears = quantized_linears(bundle)
     types = {n: stored[n][0] for n in linears if n in stored and stored[n][0] in ggml_grid.GEOMETRY}
     tensors = {n: {"ggml_blocks": torch.from_numpy(b)} for n, (_, b) in stored.items()}
@@ -271,8 +246,9 @@ def _ggml_checkpoint(bundle: ModelBundle, out: Path, opts: Int4Options, device: 
 
 def quantize_checkpoint(bundle: ModelBundle, out: Path, kind: str, opts: Int4Options | None = None,
                         device: str = "cpu", progress: Callable[[int, int], None] = lambda done, total: None,
-                        threads: int = 1) -> dict:
-    """Write the quantized Hugging Face folder into `out` (an empty folder); returns a report."""
+                        threads: int = 1, gguf_blocks: Callable | None = None) -> dict:
+    """Write the quantized Hugging Face folder into `out` (an empty folder); returns a report. `gguf_blocks` is
+    llama.cpp's quantizer for `--target gguf:TYPE` (RunContext.gguf_blocks; exporters/gguf/exporter.py)."""
     from toolkit.checkpoints.hf_writer import save_hf
 
     refuse_quantized(bundle)
@@ -290,7 +266,7 @@ def quantize_checkpoint(bundle: ModelBundle, out: Path, kind: str, opts: Int4Opt
                    "format": "P.weight int8 [out, in], P.weight_scale float32 [out]; "
                              "weight = weight_scale[:, None] * weight"}
     elif opts.target != "gptq-v1":
-        tensors, qconfig = _ggml_checkpoint(bundle, out, opts, device, progress, report, threads)
+        tensors, qconfig = _ggml_checkpoint(bundle, out, opts, device, progress, report, threads, gguf_blocks)
     else:
         check_group_size(bundle, opts.group_size)
         if opts.method == "gptq":
@@ -396,7 +372,8 @@ def _run(kind: str, src: Path, dest: Path, opts: Int4Options | None, device: str
     with atomic_output(dest, ctx.force, directory=True) as work:
         with bar as progress:
             try:
-                report = quantize_checkpoint(bundle, work, kind, opts, device, progress, ctx.threads)
+                report = quantize_checkpoint(bundle, work, kind, opts, device, progress, ctx.threads,
+                                             ctx.gguf_blocks)
             except FloatingPointError as e:
                 raise ToolkitError(f"quantization failed: {e}", "raise --damp or give more calibration text")
         report["verification"] = verify_checkpoint(bundle, work, kind)

@@ -14,7 +14,7 @@ time and spread each column's rounding error over the columns not yet quantized,
 Rows are independent (each row's error spreads only along that row), so layers sharing an input (q/k/v, gate/up)
 are solved as one stacked matrix.
 
-`gptq_on_grid` runs the same column loop against llama.cpp's block grids (quant/ggml_grid.py), so the codes are a
+`gptq_on_grid` runs the same column loop against llama.cpp's block grids (toolkit/core/ggml_grid.py), so the codes are a
 GGUF type's own (Q4_K super-blocks with 6-bit sub-block scales, Q6_K, Q5_0, ...).
 """
 from __future__ import annotations
@@ -125,11 +125,11 @@ def gptq(W: torch.Tensor, H: torch.Tensor, grid: Grid, damp: float = 0.01, act_o
 
 def gptq_on_grid(W: torch.Tensor, H: torch.Tensor, grid, damp: float = 0.01,
                  act_order: bool = False) -> tuple[torch.Tensor, float, int]:
-    """GPTQ against llama.cpp's block grids (quant/ggml_grid.py: Q4_K, Q6_K, Q5_0, ...): (codes [out, in],
+    """GPTQ against llama.cpp's block grids (toolkit/core/ggml_grid.py: Q4_K, Q6_K, Q5_0, ...): (codes [out, in],
     dampening used, retries). `grid` holds the scales solved from the original weights; without act-order each
     super-block's scales are solved again from the error-updated weights when its first column comes up (as GPTQ's
     groups), with act-order they stay as given (static). The importance is the Hessian's diagonal."""
-    from quant.ggml_grid import GEOMETRY
+    from toolkit.core.ggml_grid import GEOMETRY
 
     sup = GEOMETRY[grid.qtype][2]
     importance = torch.diag(H)

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from quant import ggml_grid
 from quant.gptq import Hessian, gptq_on_grid
 from tests.conftest import assert_usage_error, run_cli
+from toolkit.core import ggml_grid
 
 pytest.importorskip("llama_cpp")
 

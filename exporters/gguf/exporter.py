@@ -29,7 +29,8 @@ LLAMA_QUANTIZED = {"q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M", "q5_k_m": "LLAMA_FTYPE
                    "q6_k": "LLAMA_FTYPE_MOSTLY_Q6_K", "q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0"}
 KQUANTS = {k: v for k, v in LLAMA_QUANTIZED.items() if k != "q4_0"}
 ALL_TYPES = [*OUTTYPES, *KQUANTS]
-IMPORTANCE_SAMPLES = 64  # calibration samples of 512 tokens for --calib (the activation energies settle well before)
+# calibration samples x tokens for --calib (the activation energies settle well before)
+IMPORTANCE_SAMPLES, IMPORTANCE_SEQLEN = 64, 512
 # the tokenizer check: a text of every kind llama.cpp's pre-tokenizers treat differently
 TOKENIZER_TEXT = ("The quick brown fox jumps over the lazy dog. def main():\n    return 42\n"
                   "你好，世界！今天是2024年3月15日。 Ünïcödé ✓ 🙂🚀 I'M don't   \t\n\n 3.14159")
@@ -103,10 +104,9 @@ def _calibration(bundle: ModelBundle, outtype: str, calib: Path | None):
     if bundle.provenance.get("quantization"):
         raise ToolkitError("--calib rounds full-precision weights; this checkpoint is already quantized",
                            "export the original checkpoint with --calib, or this one without it")
-    from quant.checkpoint import calibration_ids
-    from quant.targets import Int4Options
+    from toolkit.core.calibration import calibration_ids
 
-    return calibration_ids(bundle, Int4Options(calib=Path(calib), nsamples=IMPORTANCE_SAMPLES, seqlen=512))
+    return calibration_ids(bundle, Path(calib), IMPORTANCE_SAMPLES, IMPORTANCE_SEQLEN)
 
 
 def _place_codes(bundle: ModelBundle, partial: Path, outtype: str, calibration, report: GGUFReport) -> None:
@@ -154,8 +154,8 @@ def _place_codes(bundle: ModelBundle, partial: Path, outtype: str, calibration, 
         return
     import torch
 
-    from quant import ggml_grid
-    from quant.importance import input_energy
+    from toolkit.core import ggml_grid
+    from toolkit.core.importance import input_energy
 
     energy = input_energy(bundle, calibration)
     in_file = blocks.read_blocks(partial)
@@ -207,6 +207,23 @@ def llama_quantize(bundle: ModelBundle, partial: Path, outtype: str, threads: in
     return GGUFReport(str(partial), base.arch, outtype, partial.stat().st_size, base.n_params, fallbacks,
                       time.perf_counter() - t0, tensor_types=dict(Counter(tensor_types(partial).values())),
                       warnings=base.warnings)
+
+
+def llama_blocks(bundle: ModelBundle, ftype: str, threads: int, workdir: Path) -> dict[str, tuple]:
+    """llama.cpp's own quantizer on this model: Hugging Face weight name -> (the GGML type llama-quantize gives it
+    for `ftype`, its stored blocks in Hugging Face row order), for every quantized 2-D tensor. `quantize int4
+    --target gguf:TYPE` solves GPTQ on these types and keeps llama.cpp's blocks where it solves nothing (it gets
+    this through RunContext.gguf_blocks: quant and exporters are siblings)."""
+    import tempfile
+
+    from exporters.gguf import blocks
+
+    with tempfile.TemporaryDirectory(dir=workdir, prefix=".probe-") as tmp:
+        probe = Path(tmp) / "llama.gguf"
+        llama_quantize(bundle, probe, ftype, threads, None)
+        in_file = blocks.read_blocks(probe)
+    return {hf: (in_file[g][0], blocks.from_file_rows(hf, in_file[g][1], bundle.config))
+            for hf, g in blocks.gguf_names(bundle).items() if g in in_file}
 
 
 def run(src: Path, dest: Path, opts, ctx: RunContext) -> Outcome:

@@ -73,6 +73,13 @@ def _merged_options(specs: list[Target]) -> list[inspect.Parameter]:
     return params
 
 
+def _gguf_blocks(*args):
+    """llama.cpp's quantizer for the quantizers (RunContext.gguf_blocks): the app wires the two siblings together."""
+    from exporters.gguf.exporter import llama_blocks
+
+    return llama_blocks(*args)
+
+
 def _choose(specs: list[Target], fmt: str | None, src: Path) -> Target:
     formats = {t.format: t for t in specs}
     if fmt is None:
@@ -130,7 +137,8 @@ def run(specs: list[Target], src: Path, out_path: Path | None, fmt: str | None, 
     dest = out_path or target.default_dest(src, options)
     check_destination(dest, force)
     ctx = RunContext(load=loader.load, threads=threads, force=force, verbose=Flags.verbose,
-                     log=lambda line: err.print(line), progress=lambda label: count_progress(err, label))
+                     log=lambda line: err.print(line), progress=lambda label: count_progress(err, label),
+                     gguf_blocks=_gguf_blocks)
     outcome = target.run(src, dest, options, ctx)
     for label, text in outcome.notes:
         err.print(f"[yellow]{label}[/yellow] {text}")

@@ -43,6 +43,10 @@ class RunContext:
     verbose: bool = False
     log: Callable[[str], None] = lambda line: None  # a progress line for stderr
     progress: Callable[[str], Any] | None = None  # label -> context manager giving a (done, total) callback
+    # llama.cpp's quantizer on a bundle, (bundle, ftype, threads, workdir) -> {weight name: (GGML type, blocks)}:
+    # exporters/gguf's, handed to the quantizers by the app (quant and exporters are siblings and never import
+    # each other); `quantize int4 --target gguf:TYPE` solves GPTQ on the types and grids it returns
+    gguf_blocks: Callable[..., dict] | None = None
 
 
 @dataclass(frozen=True)

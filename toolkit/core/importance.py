@@ -1,6 +1,6 @@
 """Per-column importance of each linear layer (llama.cpp's imatrix idea): the mean squared input activation of
 every input column over calibration text, from the full-precision model. It weights the rounding error of that
-column's weights (quant/ggml_grid.py): a weight multiplying a large activation matters more."""
+column's weights (toolkit/core/ggml_grid.py): a weight multiplying a large activation matters more."""
 from __future__ import annotations
 
 import torch
