@@ -7,7 +7,7 @@ llama.cpp's own files: its convert_hf_to_gguf.py (from the llama-cpp-python sdis
 (llama_model_quantize, what llama-quantize runs) at each type.
 
     python bench/gguf_gptq.py --model mm26|smollm2 [--types q4_0,q4_k_m,q5_k_m,q6_k] [--gptq-types q4_0,q4_k_m]
-        [--calib FILE] [--chars N] [--repeats 3] [--work DIR] [--no-onnx-mnn]
+        [--calib FILE] [--chars N] [--repeats 3] [--work DIR] [--no-onnx-mnn] [--gptq-flags "--act-order --nsamples 256"] [--files-only]
 """
 from __future__ import annotations
 
@@ -58,6 +58,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2, help="threads for making the files")
     ap.add_argument("--work", type=Path, default=None)
     ap.add_argument("--no-onnx-mnn", action="store_true")
+    ap.add_argument("--files-only", action="store_true", help="make the files, skip eval-parity")
+    ap.add_argument("--gptq-flags", default="--act-order", help="extra `quantize int4 --target gguf:TYPE` flags, e.g. "
+                                                     "'--act-order --true-sequential'")
     args = ap.parse_args()
     from tests.real_models import llama_cpp_converter, smollm2_hf_dir
 
@@ -93,16 +96,16 @@ def main() -> None:
     for t in [t for t in args.gptq_types.split(",") if t]:
         ckpt, out = work / f"gptq-{t}", work / f"ours-gptq-{t}.gguf"
         if not ckpt.exists():
-            run(*toolkit, "quantize", "int4", hf, "--target", f"gguf:{t}", "--act-order", "--calib", calib,
-                "-o", ckpt, *threads)
+            run(*toolkit, "quantize", "int4", hf, "--target", f"gguf:{t}", *args.gptq_flags.split(), "--calib",
+                calib, "-o", ckpt, *threads)
         if not out.exists():
             run(*toolkit, "export", "gguf", ckpt, "--outtype", t, "-o", out, *threads)
         rows.append(out)
     if not args.no_onnx_mnn:
         v1 = work / "gptq-v1-g32"
         if not v1.exists():
-            run(*toolkit, "quantize", "int4", hf, "--group-size", "32", "--act-order", "--calib", calib, "-o", v1,
-                *threads)
+            run(*toolkit, "quantize", "int4", hf, "--group-size", "32", *args.gptq_flags.split(), "--calib", calib,
+                "-o", v1, *threads)
         # ONNX Runtime's RTN (quantize --format onnx) vs the GPTQ codes in MatMulNBits (export onnx --variant ort of
         # the GPTQ checkpoint writes them as they are)
         made = {"onnx-int4-rtn": ["quantize", "int4", hf, "--format", "onnx"],
@@ -116,6 +119,8 @@ def main() -> None:
                 run(*toolkit, "export", "mnn", src, "--bits", "4", "--group-size", "32", "-o", work / name,
                     *threads)
             rows.append(work / name)
+    if args.files_only:
+        return
     out = work / "parity"
     t0 = time.time()
     run(*toolkit, "eval-parity", hf, *rows, "--text", text, "--ctx", "512", "--device", "cpu",

@@ -116,10 +116,12 @@ def _rtn4(w: torch.Tensor, grid: Grid) -> dict[str, torch.Tensor]:
 
 
 def _gptq_layers(bundle: ModelBundle, opts: Int4Options, device: str, progress: Callable[[int, int], None],
-                 report: dict, solve_set: Callable) -> dict[str, dict[str, torch.Tensor]]:
+                 report: dict, solve_set: Callable, solve_head: Callable | None = None
+                 ) -> dict[str, dict[str, torch.Tensor]]:
     """GPTQ over the decoder blocks, one block at a time; returns the stored tensors per weight name.
     `solve_set(mods, H)` quantizes the linear layers sharing one input (name, module pairs) given their Hessian and
-    returns per layer (name, module, dequantized weight, stored tensors)."""
+    returns per layer (name, module, dequantized weight, stored tensors). `solve_head(H)`, if given, gets the Hessian
+    of the head's input (the final norm of the quantized blocks' output) and returns {name: stored tensors}."""
     from toolkit.core.model import build_model
 
     ids = calibration_ids(bundle, opts).to(device)
@@ -148,6 +150,11 @@ def _gptq_layers(bundle: ModelBundle, opts: Int4Options, device: str, progress: 
                     packed[name] = stored
             x = torch.cat([layer(x[b:b + 1], cos[b:b + 1], sin[b:b + 1], None, None, i) for b in range(x.shape[0])])
             progress(i + 1, len(layers))
+        if solve_head is not None:
+            head_in = Hessian(x.shape[-1], device)
+            for b in range(x.shape[0]):
+                head_in.add(model.model.norm(x[b:b + 1]))
+            packed.update(solve_head(head_in.H))
     return packed
 
 
@@ -210,11 +217,19 @@ def _shared_input_sets(layer: torch.nn.Module, prefix: str) -> list[list[tuple[s
     return list(by_input.values())
 
 
+class _Head:
+    """The output matrix as the GGML solver takes a layer (a `.weight` holder): it is no module of the blocks."""
+
+    def __init__(self, weight: torch.Tensor):
+        self.weight = torch.nn.Parameter(weight, requires_grad=False)
+
+
 def _ggml_checkpoint(bundle: ModelBundle, out: Path, opts: Int4Options, device: str, progress, report: dict,
                      threads: int, gguf_blocks: Callable | None) -> tuple[dict, dict]:
-    """`--target gguf:TYPE`: llama.cpp's own quantizer makes the file type's tensor mix (and its rounding of the
-    embedding/head, kept as it is); GPTQ then solves every decoder linear layer on the grid of the type llama.cpp
-    gave it. Stored as the file's blocks, so `export gguf --outtype TYPE` writes them unchanged."""
+    """`--target gguf:TYPE`: llama.cpp's own quantizer makes the file type's tensor mix; GPTQ then solves every
+    decoder linear layer, and the output head (the tied embedding too) unless --no-gptq-head, on the grid of the
+    type llama.cpp gave it; what it does not solve keeps llama.cpp's rounding. Stored as the file's blocks, so
+    `export gguf --outtype TYPE` writes them unchanged."""
     from toolkit.core import ggml_grid
     from toolkit.core.quantized import GGUF_METHOD
 
@@ -225,6 +240,7 @@ def _ggml_checkpoint(bundle: ModelBundle, out: Path, opts: Int4Options, device: 
     linears = quantized_linears(bundle)
     types = {n: stored[n][0] for n in linears if n in stored and stored[n][0] in ggml_grid.GEOMETRY}
     tensors = {n: {"ggml_blocks": torch.from_numpy(b)} for n, (_, b) in stored.items()}
+    head = "lm_head.weight" if "lm_head.weight" in stored else EMBED if bundle.config.tie_word_embeddings else ""
     if opts.method == "gptq":
         solver = _ggml_solver(types, opts, report)
 
@@ -234,10 +250,18 @@ def _ggml_checkpoint(bundle: ModelBundle, out: Path, opts: Int4Options, device: 
                      tensors[n]) for n, m in mods if n not in types]
             return (solver(ours, H) if ours else []) + rest
 
-        tensors.update(_gptq_layers(bundle, opts, device, progress, report, solve_set))
+        solve_head = None
+        if opts.gptq_head and head in stored and stored[head][0] in ggml_grid.GEOMETRY:
+            types[head] = stored[head][0]
+
+            def solve_head(H):
+                W = bundle.load(head, torch.float32).to(device)
+                return {head: solver([(head, _Head(W))], H)[0][3]}
+
+        tensors.update(_gptq_layers(bundle, opts, device, progress, report, solve_set, solve_head))
     report["llama_cpp_rounded"] = sorted(n for n in stored if n not in types or opts.method != "gptq")
     qconfig = {"quant_method": GGUF_METHOD, "ggml_ftype": ftype, "toolkit_method": opts.method,
-               "desc_act": opts.act_order, "damp_percent": opts.damp,
+               "desc_act": opts.act_order, "damp_percent": opts.damp, "gptq_head": head in types,
                "tensor_types": {n: t for n, (t, _) in sorted(stored.items())},
                "format": "P.ggml_blocks uint8 [rows, bytes]: the tensor as llama.cpp's GGUF stores it (Hugging Face "
                          "row order); its GGML type in tensor_types"}

@@ -26,7 +26,7 @@ class Int4Options:
                                     "(export onnx --variant ort) and MNN (export mnn --bits 4 --group-size G). "
                                     "gguf:q4_0|q4_k_m|q5_k_m|q6_k: llama.cpp's blocks with llama-quantize's "
                                     "per-tensor mix for that file type (K-quant super-blocks, 6-bit sub-block "
-                                    "scales; embedding/head rounded by llama.cpp); `export gguf --outtype TYPE` "
+                                    "scales; the output head solved too, see --gptq-head); `export gguf --outtype TYPE` "
                                     "writes the codes unchanged.")
     group_size: int = option(128, "Weights per scale: 32, 64, 128 or -1 (one per row).")
     sym: bool = option(True, "Symmetric grid (zero point 8) or asymmetric (min/max per group).", "--sym/--asym")
@@ -41,6 +41,9 @@ class Int4Options:
     embed_bits: int = option(16, "Bits of the token embedding (the output head too when tied): 16 keeps it as "
                                  "stored, loadable by transformers/GPTQModel; 8 stores it int8 per row, half the "
                                  "size, read by this toolkit's runtimes and exporters only.")
+    gptq_head: bool = option(True, "gguf targets: GPTQ also solves the output head (the embedding too when tied) on "
+                                   "the type llama.cpp gives it, over the final norm's outputs; --no-gptq-head "
+                                   "keeps llama.cpp's rounding of it.", "--gptq-head/--no-gptq-head")
     device: str = option("auto", "GPTQ compute device: auto, cpu or cuda.")
 
 

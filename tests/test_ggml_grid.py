@@ -100,6 +100,8 @@ def test_codes_in_the_file_are_the_gptq_solution_through_llama_cpp(gguf_targets,
     """Per written block type: llama.cpp's own dequantization of our file (llama-quantize to f32) and gguf-py's
     reading of it both equal the checkpoint's dequantized GPTQ solution exactly; per-tensor types equal
     llama-quantize's for the same file type on the same model."""
+    import json
+
     import gguf
 
     from exporters.gguf.blocks import from_file_rows, gguf_names, read_blocks
@@ -130,6 +132,9 @@ def test_codes_in_the_file_are_the_gptq_solution_through_llama_cpp(gguf_targets,
         _llama_quantize(ref_f32, theirs, {"q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0", "q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M",
                                           "q5_k_m": "LLAMA_FTYPE_MOSTLY_Q5_K_M"}[ftype])
         assert tensor_types(gguf_file) == tensor_types(theirs)
+        # the output head (here the tied embedding) was solved by GPTQ too, not left as llama.cpp rounded it
+        assert json.loads((ckpt / "config.json").read_text())["quantization_config"]["gptq_head"] is True
+        assert not np.array_equal(blocks["token_embd.weight"][1], read_blocks(theirs)["token_embd.weight"][1])
     # the 256-wide test model makes K-quants and their fallbacks
     assert {"Q4_0", "Q4_K", "Q6_K", "Q5_K"} <= seen, seen
 
