@@ -7,7 +7,8 @@ llama.cpp's own files: its convert_hf_to_gguf.py (from the llama-cpp-python sdis
 (llama_model_quantize, what llama-quantize runs) at each type.
 
     python bench/gguf_gptq.py --model mm26|smollm2 [--types q4_0,q4_k_m,q5_k_m,q6_k] [--gptq-types q4_0,q4_k_m]
-        [--calib FILE] [--chars N] [--repeats 3] [--work DIR] [--no-onnx-mnn] [--gptq-flags "--act-order --nsamples 256"] [--files-only]
+        [--calib FILE] [--chars N] [--repeats 3] [--work DIR] [--no-onnx-mnn] [--files-only]
+        [--gptq-flags "--act-order --nsamples 256"]
 """
 from __future__ import annotations
 
@@ -59,8 +60,9 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=None)
     ap.add_argument("--no-onnx-mnn", action="store_true")
     ap.add_argument("--files-only", action="store_true", help="make the files, skip eval-parity")
-    ap.add_argument("--gptq-flags", default="--act-order", help="extra `quantize int4 --target gguf:TYPE` flags, e.g. "
-                                                     "'--act-order --true-sequential'")
+    ap.add_argument("--gptq-flags", default="--act-order",
+                    help="flags of every GPTQ `quantize int4` run (the gguf targets and the GPTQ-v1 g32 checkpoint), "
+                         "e.g. '--act-order --nsamples 256'")
     args = ap.parse_args()
     from tests.real_models import llama_cpp_converter, smollm2_hf_dir
 

@@ -184,26 +184,23 @@ def _v1_solver(opts: Int4Options, report: dict) -> Callable:
 
 
 def _ggml_solver(types: dict[str, str], opts: Int4Options, report: dict) -> Callable:
-    """GPTQ on each layer's llama.cpp block grid (`types`: weight name -> GGML type of llama.cpp's mix): the grid's
-    scales solved first from the weights, weighted by the Hessian's diagonal (the imatrix), then GPTQ's column
-    updates against it; stored as the blocks the GGUF file holds (toolkit/core/quantized.py's toolkit_gguf)."""
+    """GPTQ of one matrix on its llama.cpp block grid (`types`: weight name -> GGML type of llama.cpp's mix): the
+    grid's scales solved first from the weights, weighted by the Hessian's diagonal (the imatrix), then GPTQ's column
+    updates against it. `solve(name, W, H)` returns (dequantized weight, stored tensors: the blocks the GGUF file
+    holds, toolkit/core/quantized.py's toolkit_gguf)."""
     from quant.gptq import gptq_on_grid
     from toolkit.core import ggml_grid
 
-    def solve_set(mods, H):
-        out = []
-        for name, mod in mods:
-            W = mod.weight.data.float()
-            grid = ggml_grid.solve(W, types[name], torch.diag(H))  # act-order keeps it; else solved as GPTQ goes
-            codes, damp, retries = gptq_on_grid(W, H, grid, opts.damp, opts.act_order)
-            if not torch.isfinite(codes).all():
-                raise FloatingPointError(f"GPTQ produced non-finite values for {name}")
-            if retries:
-                report.setdefault("damp_raised", {})[name] = damp
-            out.append((name, mod, grid.values(codes), {"ggml_blocks": torch.from_numpy(ggml_grid.pack(grid, codes))}))
-        return out
+    def solve(name, W, H):
+        grid = ggml_grid.solve(W, types[name], torch.diag(H))  # act-order keeps it; else solved as GPTQ goes
+        codes, damp, retries = gptq_on_grid(W, H, grid, opts.damp, opts.act_order)
+        if not torch.isfinite(codes).all():
+            raise FloatingPointError(f"GPTQ produced non-finite values for {name}")
+        if retries:
+            report.setdefault("damp_raised", {})[name] = damp
+        return grid.values(codes), {"ggml_blocks": torch.from_numpy(ggml_grid.pack(grid, codes))}
 
-    return solve_set
+    return solve
 
 
 def _shared_input_sets(layer: torch.nn.Module, prefix: str) -> list[list[tuple[str, torch.nn.Linear]]]:
@@ -215,13 +212,6 @@ def _shared_input_sets(layer: torch.nn.Module, prefix: str) -> list[list[tuple[s
                    "up_proj": "gate_up"}.get(name.rsplit(".", 1)[-1], name)
             by_input.setdefault(key, []).append((f"{prefix}{name}.weight", mod))
     return list(by_input.values())
-
-
-class _Head:
-    """The output matrix as the GGML solver takes a layer (a `.weight` holder): it is no module of the blocks."""
-
-    def __init__(self, weight: torch.Tensor):
-        self.weight = torch.nn.Parameter(weight, requires_grad=False)
 
 
 def _ggml_checkpoint(bundle: ModelBundle, out: Path, opts: Int4Options, device: str, progress, report: dict,
@@ -242,21 +232,19 @@ def _ggml_checkpoint(bundle: ModelBundle, out: Path, opts: Int4Options, device: 
     tensors = {n: {"ggml_blocks": torch.from_numpy(b)} for n, (_, b) in stored.items()}
     head = "lm_head.weight" if "lm_head.weight" in stored else EMBED if bundle.config.tie_word_embeddings else ""
     if opts.method == "gptq":
-        solver = _ggml_solver(types, opts, report)
+        solve = _ggml_solver(types, opts, report)
 
         def solve_set(mods, H):  # a type without a grid here keeps llama.cpp's rounding (none in its K/0 mixes)
-            ours = [(n, m) for n, m in mods if n in types]
-            rest = [(n, m, ggml_grid.dequantize_blocks(stored[n][1], stored[n][0], tuple(m.weight.shape)),
-                     tensors[n]) for n, m in mods if n not in types]
-            return (solver(ours, H) if ours else []) + rest
+            return [(n, m, *solve(n, m.weight.data.float(), H)) if n in types else
+                    (n, m, ggml_grid.dequantize_blocks(stored[n][1], stored[n][0], tuple(m.weight.shape)), tensors[n])
+                    for n, m in mods]
 
         solve_head = None
         if opts.gptq_head and head in stored and stored[head][0] in ggml_grid.GEOMETRY:
             types[head] = stored[head][0]
 
             def solve_head(H):
-                W = bundle.load(head, torch.float32).to(device)
-                return {head: solver([(head, _Head(W))], H)[0][3]}
+                return {head: solve(head, bundle.load(head, torch.float32).to(device), H)[1]}
 
         tensors.update(_gptq_layers(bundle, opts, device, progress, report, solve_set, solve_head))
     report["llama_cpp_rounded"] = sorted(n for n in stored if n not in types or opts.method != "gptq")

@@ -14,8 +14,8 @@ time and spread each column's rounding error over the columns not yet quantized,
 Rows are independent (each row's error spreads only along that row), so layers sharing an input (q/k/v, gate/up)
 are solved as one stacked matrix.
 
-`gptq_on_grid` runs the same column loop against llama.cpp's block grids (toolkit/core/ggml_grid.py), so the codes are a
-GGUF type's own (Q4_K super-blocks with 6-bit sub-block scales, Q6_K, Q5_0, ...).
+`gptq_on_grid` runs the same column loop against llama.cpp's block grids (toolkit/core/ggml_grid.py), so the codes
+are a GGUF type's own (Q4_K super-blocks with 6-bit sub-block scales, Q6_K, Q5_0, ...).
 """
 from __future__ import annotations
 

@@ -26,8 +26,8 @@ class Int4Options:
                                     "(export onnx --variant ort) and MNN (export mnn --bits 4 --group-size G). "
                                     "gguf:q4_0|q4_k_m|q5_k_m|q6_k: llama.cpp's blocks with llama-quantize's "
                                     "per-tensor mix for that file type (K-quant super-blocks, 6-bit sub-block "
-                                    "scales; the output head solved too, see --gptq-head); `export gguf --outtype TYPE` "
-                                    "writes the codes unchanged.")
+                                    "scales; the output head solved too, see --gptq-head); `export gguf --outtype "
+                                    "TYPE` writes the codes unchanged.")
     group_size: int = option(128, "Weights per scale: 32, 64, 128 or -1 (one per row).")
     sym: bool = option(True, "Symmetric grid (zero point 8) or asymmetric (min/max per group).", "--sym/--asym")
     act_order: bool = option(False, "GPTQ: quantize columns in order of decreasing Hessian diagonal (static "
