@@ -206,3 +206,51 @@ def test_bad_quantization_inputs_exit_2(trained_model, quantized, tmp_path):
     assert "is empty" in assert_usage_error(run_cli("quantize", "int4", trained_model, "-o", dest, "--calib", empty),
                                             dest)
     assert "already quantized" in assert_usage_error(run_cli("quantize", "int8", quantized["rtn"], "-o", dest), dest)
+
+
+def test_gptq_folders_of_other_tools_v2_and_desc_act(trained_model, quantized, tmp_path):
+    """Two layouts other GPTQ tools write. GPTQModel's v2 (`checkpoint_format: gptq_v2`) stores each zero point
+    itself where v1 stores zero - 1: made here from the v1 folder the way GPTQModel converts (every 4-bit field of
+    qzeros + 1, i.e. + 0x11111111 per int32), it must load to the same weights, and read as v1 it would not.
+    AutoGPTQ's act-order without static groups (g_idx not i // group): MatMulNBits' blocks are consecutive columns, so
+    the ONNX export must not import those codes as they are; it falls back and still verifies."""
+    import shutil
+
+    from safetensors.numpy import save_file
+
+    src = quantized["gptq32"]
+    reference = load_checkpoint(src)
+    names = [n for n in reference.tensors if n.endswith("proj.weight")]
+
+    def variant(name, edit, qc_edit):
+        folder = tmp_path / name
+        shutil.copytree(src, folder)
+        tensors = load_file(folder / "model.safetensors")
+        save_file({k: edit(k, v) for k, v in tensors.items()}, folder / "model.safetensors")
+        cfg = json.loads((folder / "config.json").read_text())
+        qc_edit(cfg["quantization_config"])
+        (folder / "config.json").write_text(json.dumps(cfg))
+        return folder
+
+    plus_one = lambda k, v: (v.view(np.uint32) + np.uint32(0x11111111)).view(np.int32) if k.endswith(".qzeros") else v
+    v2 = variant("v2", plus_one, lambda qc: qc.update(checkpoint_format="gptq_v2"))
+    as_v1 = variant("v2-read-as-v1", plus_one, lambda qc: None)
+    got, wrong = load_checkpoint(v2), load_checkpoint(as_v1)
+    for n in names:
+        assert torch.equal(got.load(n, torch.float32), reference.load(n, torch.float32)), n
+        assert not torch.equal(wrong.load(n, torch.float32), reference.load(n, torch.float32)), n
+    proc = run_cli("export", "onnx", v2, "-o", tmp_path / "v2-onnx", "--variant", "ort")
+    assert proc.returncode == 0, proc.stderr[-2000:]  # verified within 1e-4 against the dequantized weights
+    meta = json.loads((tmp_path / "v2-onnx" / "manifest.json").read_text())
+    assert "imported into 16 MatMulNBits" in meta["details"]["from_quantized_checkpoint"]
+    bad = tmp_path / "marlin"
+    variant("marlin", lambda k, v: v, lambda qc: qc.update(checkpoint_format="marlin"))
+    assert "checkpoint_format 'marlin'" in assert_usage_error(run_cli("export", "onnx", bad, "-o", bad / "x"),
+                                                               bad / "x")
+
+    roll = lambda k, v: np.roll(v, 16).astype(v.dtype) if k.endswith(".g_idx") else v  # noqa: E731
+    desc = variant("desc-act", roll, lambda qc: qc.update(desc_act=True, static_groups=False))
+    proc = run_cli("export", "onnx", desc, "-o", tmp_path / "desc-onnx", "--variant", "ort")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    meta = json.loads((tmp_path / "desc-onnx" / "manifest.json").read_text())
+    assert meta["details"]["from_quantized_checkpoint"] == "the checkpoint's dequantized weights, in fp32"

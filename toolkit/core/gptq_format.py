@@ -6,6 +6,8 @@ Per quantized Linear `P` (weight [out, in]) at 4 bits:
 - `P.scales` fp16 [groups, out];
 - `P.g_idx` int32 [in]: the group of each input row (i // group_size: act-order uses static groups here).
 Weight = scales[g_idx[i], o] * (code[i, o] - (stored_zero[g_idx[i], o] + 1)).
+GPTQModel's v2 layout (`checkpoint_format: gptq_v2`) is the same but for qzeros, which hold the zero point itself
+(no - 1, so a zero point of 0 is representable); the loader marks such parts with V2 and unpack reads them so.
 """
 from __future__ import annotations
 
@@ -14,6 +16,8 @@ import torch
 BITS = 4
 PER_INT = 32 // BITS
 SHIFTS = torch.arange(0, 32, BITS, dtype=torch.int64)
+FORMATS = ("gptq", "gptq_v2")  # quantization_config.checkpoint_format values read here (absent: gptq, v1)
+V2 = "checkpoint_format_v2"  # key the loader adds to a v2 layer's parts: qzeros hold the zero point itself
 
 
 def _pack(values: torch.Tensor) -> torch.Tensor:
@@ -39,9 +43,10 @@ def pack(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_s
 
 
 def unpack(t: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(codes [out, in], scales [groups, out] float32, zeros [groups, out], g_idx [in]) from GPTQ-v1 tensors."""
+    """(codes [out, in], scales [groups, out] float32, zeros [groups, out], g_idx [in]) from GPTQ-v1 tensors (v2
+    when the parts carry V2)."""
     codes = _unpack(t["qweight"]).T
-    zeros = _unpack(t["qzeros"].T.contiguous()).T + 1
+    zeros = _unpack(t["qzeros"].T.contiguous()).T + (0 if V2 in t else 1)
     return codes, t["scales"].float(), zeros, t["g_idx"].long()
 
 

@@ -23,9 +23,13 @@ def dequantized_refs(refs: dict, quantization: dict, path: Path) -> tuple[dict, 
     from toolkit.core.bundle import TensorRef
 
     method = quantization.get("quant_method")
+    layout = quantization.get("checkpoint_format", "gptq")
     if method == "gptq":
         if quantization.get("bits") != 4:
             raise ToolkitError(f"{path}: {quantization.get('bits')}-bit GPTQ is not supported", "use 4-bit GPTQ")
+        if layout not in gptq_format.FORMATS:
+            raise ToolkitError(f"{path}: GPTQ checkpoint_format '{layout}' is not supported",
+                               f"save the model as {' or '.join(gptq_format.FORMATS)} (GPTQModel: format='gptq')")
         suffix, parts = "qweight", ("qweight", "qzeros", "scales", "g_idx")
     elif method == INT8_METHOD:
         suffix, parts = "weight_scale", ("weight", "weight_scale")
@@ -41,7 +45,8 @@ def dequantized_refs(refs: dict, quantization: dict, path: Path) -> tuple[dict, 
         if missing:
             raise ToolkitError(f"{path}: quantized layer {prefix[:-1]} lacks {missing[0]}", "the folder is damaged")
         members = {p: out.pop(prefix + p) for p in parts}
-        load_parts = lambda m=members: {p: r.load() for p, r in m.items()}  # noqa: E731
+        mark = {gptq_format.V2: torch.tensor(True)} if method == "gptq" and layout == "gptq_v2" else {}
+        load_parts = lambda m=members, mark=mark: {**{p: r.load() for p, r in m.items()}, **mark}  # noqa: E731
         weight = prefix + "weight"
         if method == "gptq":
             shape = (members["qweight"].shape[1], members["qweight"].shape[0] * gptq_format.PER_INT)
