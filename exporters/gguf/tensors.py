@@ -236,7 +236,7 @@ def _q4_0_from_gptq(bundle: ModelBundle, name: str, cfg) -> Callable[[], np.ndar
         from toolkit.core import gptq_format
 
         codes, scales, zeros, g_idx = gptq_format.unpack(parts())
-        if not bool((zeros == 8).all()) or not torch.equal(g_idx, torch.arange(codes.shape[1]) // 32):
+        if not bool((zeros == 8).all()) or not gptq_format.consecutive_groups(g_idx, 32):
             raise ToolkitError(f"{name}: GPTQ zero points or g_idx are not Q4_0's", "export with --outtype q8_0")
         scales = scales.T.contiguous()  # [out, groups]
         heads = pair_permuted_heads(name, cfg)

@@ -61,8 +61,7 @@ def _write(f, op: dict, parts: dict, group_size: int) -> str:
     groups = in_f // group_size if group_size > 0 else 1
     if tuple(codes.shape) != (out_f, in_f):
         return f"MNN's op is [{out_f}, {in_f}], GPTQ's codes {list(codes.shape)}"
-    static = torch.arange(in_f) // (group_size if group_size > 0 else in_f)
-    if not torch.equal(g_idx, static):
+    if not gptq_format.consecutive_groups(g_idx, group_size):
         return "GPTQ's groups are not consecutive columns (act-order without static groups)"
     code_bytes = out_f * in_f // 2
     if scale_size != out_f * groups * 2 * 4:

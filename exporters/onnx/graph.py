@@ -143,7 +143,7 @@ class _Builder:
         from toolkit.core import gptq_format
 
         unpacked = [gptq_format.unpack(load()) for load in parts]
-        if any(not torch.equal(u[3], torch.arange(u[3].numel()) // gs) for u in unpacked):
+        if not all(gptq_format.consecutive_groups(u[3], gs) for u in unpacked):
             return None  # act-order without static groups (AutoGPTQ's desc_act): MatMulNBits blocks are consecutive
         codes = torch.cat([u[0] for u in unpacked])  # [N, K]
         scales = torch.cat([u[1].T for u in unpacked])  # [N, blocks]

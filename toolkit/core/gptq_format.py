@@ -42,6 +42,13 @@ def pack(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_s
             "scales": scales.to(torch.float16).contiguous(), "g_idx": g_idx}
 
 
+def consecutive_groups(g_idx: torch.Tensor, group_size: int) -> bool:
+    """Whether each input row i is in group i // group_size (-1: one group), the layout MatMulNBits, MNN's blocks and
+    Q4_0 hold; AutoGPTQ's act-order without static groups gives other g_idx."""
+    n = g_idx.numel()
+    return torch.equal(g_idx.long(), torch.arange(n) // (group_size if group_size > 0 else n))
+
+
 def unpack(t: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(codes [out, in], scales [groups, out] float32, zeros [groups, out], g_idx [in]) from GPTQ-v1 tensors (v2
     when the parts carry V2)."""

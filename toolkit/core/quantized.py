@@ -38,6 +38,8 @@ def dequantized_refs(refs: dict, quantization: dict, path: Path) -> tuple[dict, 
     else:
         raise ToolkitError(f"{path}: quantization method '{method}' is not supported",
                            "the toolkit reads its own int8 and GGUF-block folders and 4-bit GPTQ (v1) folders")
+    # v2 layers' parts carry the mark gptq_format.unpack reads (zero points stored as they are)
+    mark = {gptq_format.V2: torch.tensor(True)} if method == "gptq" and layout == "gptq_v2" else {}
     out, raw = dict(refs), {}
     for name in [n for n in refs if n.endswith("." + suffix)]:
         prefix = name[: -len(suffix)]
@@ -45,7 +47,6 @@ def dequantized_refs(refs: dict, quantization: dict, path: Path) -> tuple[dict, 
         if missing:
             raise ToolkitError(f"{path}: quantized layer {prefix[:-1]} lacks {missing[0]}", "the folder is damaged")
         members = {p: out.pop(prefix + p) for p in parts}
-        mark = {gptq_format.V2: torch.tensor(True)} if method == "gptq" and layout == "gptq_v2" else {}
         load_parts = lambda m=members, mark=mark: {**{p: r.load() for p, r in m.items()}, **mark}  # noqa: E731
         weight = prefix + "weight"
         if method == "gptq":
