@@ -317,13 +317,13 @@ def verify_checkpoint(bundle: ModelBundle, folder: Path, kind: str) -> dict:
     """The written folder, read back as every command reads it (dequantized by the loader), against the source model
     on the shared verification text, judged by the shared verifier's bar for the kind (toolkit/core/verify.py)."""
     from toolkit.checkpoints import load_checkpoint
-    from toolkit.core.model import build_model
+    from toolkit.core.streamed_model import reference_model
     from toolkit.core.verify import judge, verification_ids
 
     ids = torch.tensor([verification_ids(bundle.tokenizer, bundle.config.vocab_size)])
     with torch.no_grad():
-        ref = build_model(bundle)(ids)[0].numpy()
-        got = build_model(load_checkpoint(folder))(ids)[0].numpy()
+        ref = reference_model(bundle)(ids)[0].numpy()
+        got = reference_model(load_checkpoint(folder))(ids)[0].numpy()
     return judge(ref, got, f"checkpoint:{kind}", f"the {kind} checkpoint's logits")
 
 

@@ -38,14 +38,29 @@ TOKENIZER_TEXT = ("The quick brown fox jumps over the lazy dog. def main():\n   
 
 def verify(bundle: ModelBundle, path: Path, outtype: str, threads: int = 1, verbose: bool = False) -> dict:
     """llama.cpp's tokenization of a fixed text must equal the tokenizer's, and its logits on the verification text
-    must meet the type's bar against the reference model on the source weights (toolkit/core/verify.py)."""
+    must meet the type's bar against the reference model on the source weights (toolkit/core/verify.py).
+
+    The reference is streamed (one matrix at a time) and, for a dense model, runs while llama.cpp reads
+    the file in a second thread: the verification then costs about one forward pass of each, not the reading too."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import torch
+
     from runtimes import RUNTIMES, Runtime
-    from toolkit.core.model import build_model
     from toolkit.core.routing_ties import reference_logits
+    from toolkit.core.streamed_model import reference_model
     from toolkit.core.verify import VERIFY_TOKENS, first_difference, judge, verification_ids
 
-    runtime: Runtime = RUNTIMES["llama_cpp"].load(path, threads=threads, ctx=max(256, VERIFY_TOKENS), verbose=verbose)
+    torch.set_num_threads(threads)
     tok = bundle.tokenizer
+    ids = verification_ids(tok, bundle.config.vocab_size)
+    with ThreadPoolExecutor(1) as pool:
+        opening = pool.submit(RUNTIMES["llama_cpp"].load, path, threads=threads, ctx=max(256, VERIFY_TOKENS),
+                              verbose=verbose)
+        # an MoE reference follows llama.cpp's near-tie routes, so it waits for llama.cpp's logits
+        ref = None if bundle.config.fam.moe else reference_logits(reference_model(bundle), ids, None, 0.0)[0]
+        runtime: Runtime = opening.result()
+        del opening  # the future would keep llama.cpp (and its mapping of the file) alive past `del runtime`
     hf_ids = tok.encode(TOKENIZER_TEXT, add_bos=False)
     cpp_ids = runtime.prompt_ids(TOKENIZER_TEXT)  # llama.cpp's tokenization of a prompt: no BOS, no specials
     if hf_ids != cpp_ids:
@@ -53,10 +68,11 @@ def verify(bundle: ModelBundle, path: Path, outtype: str, threads: int = 1, verb
         raise VerificationError(f"llama.cpp tokenizes differently from the Hugging Face tokenizer (first "
                                 f"difference at token {first}: {hf_ids[first:first + 1]} vs "
                                 f"{cpp_ids[first:first + 1]})", "the tokenizer cannot be represented in GGUF")
-    ids = verification_ids(tok, bundle.config.vocab_size)
     got = runtime.logits(ids)
-    # MoE near-ties are routed as llama.cpp routed them; everything else is the source model as it is
-    ref, swapped = reference_logits(build_model(bundle), ids, got, ROUTER_GAP[outtype])
+    del runtime  # llama.cpp unmaps the file before an MoE reference's weights come: the peak is one of them
+    swapped = 0
+    if ref is None:  # MoE near-ties are routed as llama.cpp routed them; everything else is the model as it is
+        ref, swapped = reference_logits(reference_model(bundle), ids, got, ROUTER_GAP[outtype])
     result = judge(ref, got, f"gguf:{outtype}", f"llama.cpp's logits for {path.name.split('.partial-')[0]}")
     return {**result, "tokenizer_match": True, "tokenizer_text_tokens": len(hf_ids),
             "near_tie_routes_followed": swapped}

@@ -101,15 +101,15 @@ def judge_prefill_and_steps(bundle: ModelBundle, runtime: Stepping, bits: int, w
     """A prefill of PROMPT_TOKENS of the verification text, then DECODE_STEPS single tokens through the runtime's
     cache, against the reference model on the source weights (MoE near-ties routed as MNN routed them), judged by
     the shared verifier's `mnn:<bits>` bar. Shared by both MNN layouts."""
-    from toolkit.core.model import build_model
     from toolkit.core.routing_ties import reference_logits
+    from toolkit.core.streamed_model import reference_model
     from toolkit.core.verify import judge, verification_ids
 
     ids = verification_ids(bundle.tokenizer, bundle.config.vocab_size, PROMPT_TOKENS + DECODE_STEPS)
     runtime.reset()
     prefill = runtime.step(ids[:PROMPT_TOKENS])
     got = np.concatenate([prefill] + [runtime.step([t]) for t in ids[PROMPT_TOKENS:]])
-    ref, swapped = reference_logits(build_model(bundle), ids, got, ROUTER_GAP[bits])
+    ref, swapped = reference_logits(reference_model(bundle), ids, got, ROUTER_GAP[bits])
     prefill_diff = float(np.abs(prefill - ref[:PROMPT_TOKENS]).max()) if np.isfinite(prefill).all() else math.inf
     result = judge(ref, got, f"mnn:{bits}", what)
     return {**result, "prefill_tokens": PROMPT_TOKENS, "decode_steps": DECODE_STEPS,

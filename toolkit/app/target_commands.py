@@ -5,6 +5,7 @@ things per format says so in its help, and one whose default differs per format 
 from __future__ import annotations
 
 import inspect
+import os
 import typing
 from collections import defaultdict
 from pathlib import Path
@@ -105,14 +106,15 @@ def _command(specs: list[Target]):
                                         annotation=Annotated[str, typer.Option("--format", help=text)]))
     params += _merged_options(specs)
     params += [
-        inspect.Parameter("threads", inspect.Parameter.KEYWORD_ONLY, default=1, annotation=Annotated[
-            int, typer.Option(help="CPU threads for the work and its verification.")]),
+        inspect.Parameter("threads", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[
+            Optional[int], typer.Option(help="CPU threads for the work and its verification [default: all cores].",
+                                        show_default=False)]),
         inspect.Parameter("force", inspect.Parameter.KEYWORD_ONLY, default=False, annotation=Annotated[
             bool, typer.Option(help="Replace an existing output.")]),
         inspect.Parameter("loader", inspect.Parameter.KEYWORD_ONLY, default=LoaderOptions(),
                           annotation=LoaderOptions)]
 
-    def command(src: Path, out: Optional[Path] = None, *, threads: int = 1, force: bool = False,
+    def command(src: Path, out: Optional[Path] = None, *, threads: int | None = None, force: bool = False,
                 loader: LoaderOptions = LoaderOptions(), format: str | None = None, **options):
         run(specs, src, out, format, options, threads, force, loader)
 
@@ -123,12 +125,14 @@ def _command(specs: list[Target]):
     return loader_options(command)
 
 
-def run(specs: list[Target], src: Path, out_path: Path | None, fmt: str | None, values: dict, threads: int,
+def run(specs: list[Target], src: Path, out_path: Path | None, fmt: str | None, values: dict, threads: int | None,
         force: bool, loader: LoaderOptions) -> None:
     """Choose the format, build its options, run it, print what it says."""
     from toolkit.app.progress import count_progress
     from toolkit.core.outputs import check_destination
 
+    if threads is None:
+        threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     if threads <= 0:
         raise ToolkitError(f"--threads must be positive, got {threads}", "pass e.g. --threads 1")
     target = _choose(specs, fmt, src)

@@ -8,6 +8,8 @@ aligns its triangle to the top-left corner, which is wrong once queries start at
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -45,7 +47,7 @@ class RotaryTable:
     which is the same thing for every sequence fed in order.)"""
 
     def __init__(self, cfg: ArchConfig):
-        # made on the CPU explicitly: build_model constructs modules under torch.device("meta")
+        # made on the CPU explicitly: build_model constructs modules on the meta device
         with torch.device("cpu"):
             self.inv_freq, self.attention_scaling = rope.for_config(cfg)
         self.config = cfg
@@ -297,11 +299,24 @@ class Decoder(nn.Module):
         return allowed[:, None]  # [B, 1, T, S]
 
 
+@contextlib.contextmanager
+def weightless():
+    """Modules built on the meta device without their random init, for weights that come from a checkpoint: the
+    first init run on meta imports torch's Python reference kernels, ~1 s of every verified export."""
+    saved = nn.Linear.reset_parameters, nn.Embedding.reset_parameters
+    nn.Linear.reset_parameters = nn.Embedding.reset_parameters = lambda self: None
+    try:
+        with torch.device("meta"):
+            yield
+    finally:
+        nn.Linear.reset_parameters, nn.Embedding.reset_parameters = saved
+
+
 def build_model(bundle: ModelBundle, dtype: torch.dtype = torch.float32,
                 device: torch.device | str = "cpu") -> Decoder:
     """The reference model with the bundle's weights, read one tensor at a time."""
     cfg = bundle.config
-    with torch.device("meta"):
+    with weightless():
         model = Decoder(cfg)
     state = {name: bundle.load(name, dtype).to(device) for name in bundle.tensors}
     if cfg.tie_word_embeddings:

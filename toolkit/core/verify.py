@@ -107,6 +107,9 @@ def bar_for(kind: str) -> Bar:
         raise KeyError(f"no verification bar for {kind}; known: {', '.join(BARS)}") from None
 
 
+ROWS = 16  # positions judged at a time (figures)
+
+
 def _log_softmax(x: np.ndarray) -> np.ndarray:
     x = x - x.max(-1, keepdims=True)
     return x - np.log(np.exp(x).sum(-1, keepdims=True))
@@ -114,22 +117,26 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
 
 def figures(reference: np.ndarray, artifact: np.ndarray) -> dict:
     """Figures of `artifact` against `reference`, both [positions, vocab] (any leading shape is flattened)."""
-    ref = np.asarray(reference, np.float64).reshape(-1, reference.shape[-1])
-    got = np.asarray(artifact, np.float64).reshape(-1, artifact.shape[-1])
+    ref = np.asarray(reference).reshape(-1, reference.shape[-1])
+    got = np.asarray(artifact).reshape(-1, artifact.shape[-1])
     if ref.shape != got.shape:
         raise VerificationError(f"the artifact returned logits of shape {got.shape}, the reference {ref.shape}",
                                 "the artifact's vocabulary or sequence handling differs from the model's")
-    finite = bool(np.isfinite(got).all())
-    if not finite:
+    largest = float(np.abs(ref).max())
+    if not np.isfinite(got).all():
         return {"positions": len(ref), "finite": False, "max_abs_diff": math.inf, "rel_err": math.inf,
                 "kld_mean": math.inf, "kld_p99": math.inf, "kld_max": math.inf, "top1": 0.0,
-                "max_abs_logit": float(np.abs(ref).max())}
-    diff = np.abs(got - ref)
-    largest = float(np.abs(ref).max())
-    lp, lq = _log_softmax(ref), _log_softmax(got)
-    kld = np.maximum((np.exp(lp) * (lp - lq)).sum(-1), 0.0)  # rounding can make a near-zero KLD negative
-    return {"positions": len(ref), "finite": True, "max_abs_diff": float(diff.max()),
-            "rel_err": float(diff.max()) / max(largest, 1e-30), "kld_mean": float(kld.mean()),
+                "max_abs_logit": largest}
+    # float64, ROWS positions at a time: a 128K vocabulary's whole-array temporaries would be ~1 GB
+    max_diff, kld = 0.0, []
+    for start in range(0, len(ref), ROWS):
+        r, g = (np.asarray(a[start:start + ROWS], np.float64) for a in (ref, got))
+        max_diff = max(max_diff, float(np.abs(g - r).max()))
+        lp, lq = _log_softmax(r), _log_softmax(g)
+        kld.append(np.maximum((np.exp(lp) * (lp - lq)).sum(-1), 0.0))  # rounding can make a ~0 KLD negative
+    kld = np.concatenate(kld)
+    return {"positions": len(ref), "finite": True, "max_abs_diff": max_diff,
+            "rel_err": max_diff / max(largest, 1e-30), "kld_mean": float(kld.mean()),
             "kld_p99": float(np.quantile(kld, 0.99)), "kld_max": float(kld.max()),
             "top1": float((got.argmax(-1) == ref.argmax(-1)).mean()), "max_abs_logit": largest}
 
