@@ -10,7 +10,8 @@ Reported per command: median wall time, peak RSS (the kernel's maximum resident 
 its anonymous part (RssAnon sampled every 5 ms: what cannot be given back to the page cache; the rest of RSS is
 mapped files, chiefly the GGUF that llama.cpp maps to run it), and each median's ratio to the converter's.
 
-Usage: bench/verify_cost.py CHECKPOINT [--rounds 3] [--threads N] [--workdir DIR] [--only-ours]
+Usage: bench/verify_cost.py CHECKPOINT [--rounds 3] [--threads N] [--workdir DIR] [--converter-pre NAME]
+       [--only-ours]
 Checkpoints: ../shared/bench/make_synth_llama.py writes the 413M model (default shape) and a 1B-class one
 (--hidden 2048 --layers 16 --heads 32 --kv-heads 8 --ffn 8192 --vocab 128256, Llama-3's tokenizer).
 """
@@ -65,11 +66,11 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--threads", type=int, help="toolkit's --threads (default: its own, all cores)")
     p.add_argument("--workdir", type=Path, help="where the GGUF files go (default: a temp folder)")
+    p.add_argument("--converter-pre", default="gpt-2", help="the pre-tokenizer llama.cpp's converter is told "
+                   "(bench/llamacpp_converter.py; MiniMind's, the 413M model's, is gpt-2; '' for its own check)")
     p.add_argument("--only-ours", action="store_true", help="leave llama.cpp's converter out (e.g. a model its "
                                                              "converter cannot read)")
     a = p.parse_args()
-    from tests.real_models import llama_cpp_converter
-
     work = a.workdir or Path(tempfile.mkdtemp(prefix="verify-cost-"))
     work.mkdir(parents=True, exist_ok=True)
     threads = ["--threads", str(a.threads)] if a.threads else []
@@ -80,17 +81,10 @@ def main() -> None:
         "toolkit export gguf --outtype f16 --no-verify": toolkit + ["-o", str(work / "ours.gguf"), "--no-verify"],
     }
     if not a.only_ours:
-        converter = llama_cpp_converter()
-        # Its pre-tokenizer check (a hash of one test tokenization) knows no MiniMind tokenizer, the 413M model's;
-        # told 'default', it converts as it would any BPE vocabulary: the check names the pre-tokenizer in the
-        # file and costs nothing measurable either way.
-        accept_any_bpe = (f"import sys, runpy; sys.path[:0] = [{str(converter.parent)!r}, "
-                          f"{str(converter.parent / 'gguf-py')!r}]; import conversion.base as b; "
-                          "b.TextModel.get_vocab_base_pre = lambda self, tokenizer: 'default'; "
-                          f"sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')")
-        commands = {"llama.cpp convert_hf_to_gguf.py --outtype f16": [
-            sys.executable, "-c", accept_any_bpe, str(converter), str(a.checkpoint), "--outtype", "f16", "--outfile",
-            str(work / "llamacpp.gguf")], **commands}
+        from bench.llamacpp_converter import command
+
+        commands = {"llama.cpp convert_hf_to_gguf.py --outtype f16": command(
+            a.checkpoint, "f16", work / "llamacpp.gguf", pre=a.converter_pre or None), **commands}
     names = list(commands)
     for name in names:  # one unmeasured run each: page cache, .pyc files
         run_measured(commands[name])

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import time
 from typing import Any, Callable, Iterator
 
 from rich.console import Console
@@ -32,7 +33,20 @@ def step_progress(console: Console, total: int, enabled: bool = True,
 
 @contextlib.contextmanager
 def count_progress(console: Console, description: str) -> Iterator[Callable[[int, int], None]]:
-    """A plain bar for counted work; the callback takes (done, total)."""
+    """A plain bar for counted work; the callback takes (done, total). Where stderr is no terminal (a CI log, a
+    pipe) a bar draws nothing until the end, so a line is printed at each tenth of the work instead."""
+    if not console.is_terminal:
+        start, said = time.perf_counter(), [-1]
+
+        def line(done: int, total: int) -> None:
+            tenth = 10 * done // max(total, 1)
+            if tenth != said[0]:
+                said[0] = tenth
+                console.print(f"{description}: {done}/{total} ({time.perf_counter() - start:.0f} s)",
+                              highlight=False)
+
+        yield line
+        return
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TimeRemainingColumn())
     with Progress(*columns, console=console, transient=True) as bar:
