@@ -123,12 +123,13 @@ def _is_mnn(artifact) -> bool:
 
 
 def _describe(artifact) -> str:
-    from runtimes.mnn_llm import is_engine_folder
+    from runtimes.mnn_llm import is_engine_folder, llmexport_bits
 
     engine = is_engine_folder(artifact)
     p = Path(artifact)
-    info = manifest.read(p.parent if engine and p.is_file() else p)
-    bits = (info.get("quantization") or {}).get("bits", 16) if info else "?"
+    folder = p.parent if engine and p.is_file() else p
+    info = manifest.read(folder)
+    bits = (info.get("quantization") or {}).get("bits", 16) if info else llmexport_bits(folder) if engine else "?"
     return f"mnn {bits}-bit" + (" engine" if engine else "")
 
 

@@ -5,8 +5,9 @@ and runs its fused attention, as it would on a phone.
 Opened through the `mnn` runtime (runtimes/mnn.py picks this class for a folder with llm_config.json). Logits of
 every position come from `all_logits`; tokens are chosen by the caller's sampler (the engine's own sampler is not
 used, so every runtime gives the same tokens for a given sampler). Text in and out goes through the folder's
-tokenizer.json (the toolkit's exports carry one, checked against tokenizer.mtok; a folder of MNN's llmexport needs
-the model's tokenizer.json copied in).
+tokenizer.json where it has one (the toolkit's exports carry it, checked against tokenizer.mtok); a folder as MNN's
+llmexport writes it has only MNN's own tokenizer.mtok, and then the engine's tokenizer encodes prompts and decodes
+tokens (eval-parity's token check compares those ids with the checkpoint's); chat prompts need tokenizer.json.
 """
 from __future__ import annotations
 
@@ -28,6 +29,14 @@ def is_engine_folder(artifact) -> bool:
     p = Path(artifact)
     folder = p.parent if p.name == ENGINE_CONFIG else p
     return folder.is_dir() and (folder / MODEL_CONFIG).is_file() and (folder / ENGINE_CONFIG).is_file()
+
+
+def llmexport_bits(folder: Path) -> int | str:
+    """The weight bits a folder of MNN's llmexport was written with (its export_args.json), '?' without it."""
+    try:
+        return int(json.loads((folder / "export_args.json").read_text())["quant_bit"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return "?"
 
 
 class MnnLlmRuntime(SteppedRun, TokenizerText):
@@ -53,7 +62,7 @@ class MnnLlmRuntime(SteppedRun, TokenizerText):
         engine = json.loads((self.dir / ENGINE_CONFIG).read_text())
         self.memory = memory_mode or engine.get("memory", "normal")
         meta = manifest.read(self.dir) or {}
-        bits = (meta.get("quantization") or {}).get("bits", 16) if meta else "?"
+        bits = (meta.get("quantization") or {}).get("bits", 16) if meta else llmexport_bits(self.dir)
         self.label = f"MNN.llm {self.dir.name} ({bits}-bit, {self.memory} memory)"
 
     # --- the engine's own text, for the export's checks ---
@@ -63,10 +72,22 @@ class MnnLlmRuntime(SteppedRun, TokenizerText):
     def engine_chat(self, messages: list[dict[str, str]]) -> str:
         return self.llm.apply_chat_template(messages)
 
+    # --- Text: the folder's tokenizer.json, else the engine's own tokenizer (a folder of MNN's llmexport) ---
+    def _engine_text_only(self) -> bool:
+        return not (self.dir / "tokenizer.json").is_file()
+
+    def prompt_ids(self, text: str) -> list[int]:
+        return self.engine_ids(text) if self._engine_text_only() else super().prompt_ids(text)
+
+    def detokenize(self, ids: list[int]) -> str:
+        if self._engine_text_only():
+            return "".join(self.llm.tokenizer_decode(int(i)) for i in ids)
+        return super().detokenize(ids)
+
     def text_tokenizer(self):
-        if not (self.dir / "tokenizer.json").is_file():
-            raise ToolkitError(f"{self.dir} has no tokenizer.json to decode text with",
-                               "copy the model's tokenizer.json into the folder")
+        if self._engine_text_only():
+            raise ToolkitError(f"{self.dir} has no tokenizer.json (only MNN's tokenizer.mtok), which chat prompts "
+                               "need", "copy the model's tokenizer.json and tokenizer_config.json into the folder")
         return super().text_tokenizer()
 
     # --- Stepping: the engine's cache ---

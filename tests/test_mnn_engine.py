@@ -120,6 +120,35 @@ def test_generate_and_eval_parity_use_the_engine(trained_model, engine_folders, 
     assert rows["mnn8"]["kld_mean"] < rows["mnn4"]["kld_mean"]
 
 
+def test_a_folder_as_llmexport_writes_it(trained_model, engine_folders, tmp_path):
+    """A folder of MNN's llmexport has no tokenizer.json and no manifest, only MNN's tokenizer.mtok: eval-parity
+    scores it, with the engine's own tokenizer checked token for token against the checkpoint's. The same folder
+    with another model's tokenizer.mtok: the row names the first token where they part."""
+    import shutil
+
+    own = {"tokenizer.json", "tokenizer_config.json", "manifest.json"}  # what the toolkit adds to llmexport's files
+    bare, other = tmp_path / "llmexport", tmp_path / "other-tokenizer"
+    for folder in (bare, other):
+        shutil.copytree(engine_folders[4], folder, ignore=lambda _d, names: [n for n in names if n in own])
+    foreign = tmp_path / "foreign"
+    engine.export(random_bundle("llama", seed=1), foreign, bits=16)  # the tests' tiny tokenizer, 320 tokens
+    shutil.copy(foreign / "tokenizer.mtok", other / "tokenizer.mtok")
+    out = tmp_path / "report"
+    proc = run_cli("eval-parity", trained_model, bare, other, "-o", out, "--ctx", 128, "--repeats", 1, "--device",
+                   "cpu", env={"XDG_CACHE_HOME": str(tmp_path / "cache")})
+    # a row on another tokenizer fails the run (exit 1), the report is written all the same
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "other-tokenizer: its tokenizer differs from the checkpoint's at token" in last, last
+    rows = {r["name"]: r for r in json.loads((out / "parity.json").read_text())["rows"]}
+    row = rows["llmexport"]
+    assert row["status"] == "ok" and row["format"] == "mnn 4-bit engine" and row["tokenizer"]["same"], row
+    assert 0 < row["kld_mean"] < KLD_BOUND[4]
+    check = rows["other-tokenizer"]["tokenizer"]
+    assert not check["same"] and check["theirs"] is not None, check
+    assert f"differs from the checkpoint's at token {check['index']}" in (out / "parity.md").read_text()
+
+
 @pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "qwen3_moe"])
 def test_families_the_engine_computes(family, tmp_path):
     """Every family of the architecture table that MNN's engine computes exports at 16 bits and verifies."""
