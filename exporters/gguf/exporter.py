@@ -51,16 +51,20 @@ def verify(bundle: ModelBundle, path: Path, outtype: str, threads: int = 1, verb
     from toolkit.core.streamed_model import reference_model
     from toolkit.core.verify import VERIFY_TOKENS, first_difference, judge, verification_ids
 
-    torch.set_num_threads(threads)
     tok = bundle.tokenizer
     ids = verification_ids(tok, bundle.config.vocab_size)
-    with ThreadPoolExecutor(1) as pool:
-        opening = pool.submit(RUNTIMES["llama_cpp"].load, path, threads=threads, ctx=max(256, VERIFY_TOKENS),
-                              verbose=verbose)
-        # an MoE reference follows llama.cpp's near-tie routes, so it waits for llama.cpp's logits
-        ref = None if bundle.config.fam.moe else reference_logits(reference_model(bundle), ids, None, 0.0)[0]
-        runtime: Runtime = opening.result()
-        del opening  # the future would keep llama.cpp (and its mapping of the file) alive past `del runtime`
+    torch_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            opening = pool.submit(RUNTIMES["llama_cpp"].load, path, threads=threads, ctx=max(256, VERIFY_TOKENS),
+                                  verbose=verbose)
+            # an MoE reference follows llama.cpp's near-tie routes, so it waits for llama.cpp's logits
+            ref = None if bundle.config.fam.moe else reference_logits(reference_model(bundle), ids, None, 0.0)[0]
+            runtime: Runtime = opening.result()
+            del opening  # the future would keep llama.cpp (and its mapping of the file) alive past `del runtime`
+    finally:
+        torch.set_num_threads(torch_threads)  # the caller's setting (tests and the harness call this in-process)
     hf_ids = tok.encode(TOKENIZER_TEXT, add_bos=False)
     cpp_ids = runtime.prompt_ids(TOKENIZER_TEXT)  # llama.cpp's tokenization of a prompt: no BOS, no specials
     if hf_ids != cpp_ids:
