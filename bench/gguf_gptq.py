@@ -75,7 +75,8 @@ def main() -> None:
                     help="flags of every GPTQ `quantize int4` run (the gguf targets and the GPTQ-v1 g32 checkpoint), "
                          "e.g. '--act-order --nsamples 256'")
     args = ap.parse_args()
-    from tests.real_models import llama_cpp_converter, smollm2_hf_dir
+    from bench.llamacpp_converter import command as converter_command
+    from tests.real_models import smollm2_hf_dir
 
     cache = Path.home() / ".cache" / "edge-toolkit"
     hf = cache / "mm26" if args.model == "mm26" else smollm2_hf_dir()
@@ -92,8 +93,7 @@ def main() -> None:
     threads = ["--threads", str(args.threads)]
     rows: list[Path] = []
     f32 = work / "llamacpp-f32.gguf"
-    if not f32.exists() and run(sys.executable, llama_cpp_converter(), hf, "--outtype", "f32", "--outfile", f32,
-                                ok=(0, 1)):
+    if not f32.exists() and run(*converter_command(hf, "f32", f32), ok=(0, 1)):
         # its converter knows no MiniMind pre-tokenizer: our f32 file instead (issue 17: the same tensors as its
         # converter's on SmolLM2), quantized by llama.cpp's own quantizer all the same
         print("  llama.cpp's converter refused the tokenizer: llama.cpp's quantizer runs on `export gguf --outtype f32`")

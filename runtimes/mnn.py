@@ -123,14 +123,12 @@ def _is_mnn(artifact) -> bool:
 
 
 def _describe(artifact) -> str:
-    from runtimes.mnn_llm import is_engine_folder, llmexport_bits
+    from runtimes.mnn_llm import is_engine_folder, weight_bits
 
     engine = is_engine_folder(artifact)
     p = Path(artifact)
     folder = p.parent if engine and p.is_file() else p
-    info = manifest.read(folder)
-    bits = (info.get("quantization") or {}).get("bits", 16) if info else llmexport_bits(folder) if engine else "?"
-    return f"mnn {bits}-bit" + (" engine" if engine else "")
+    return f"mnn {weight_bits(folder, manifest.read(folder))}-bit" + (" engine" if engine else "")
 
 
 SPECS = (RuntimeSpec("mnn", "MNN (MNN.llm engine folders; toolkit export mnn --layout module folders)",

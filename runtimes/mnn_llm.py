@@ -31,8 +31,11 @@ def is_engine_folder(artifact) -> bool:
     return folder.is_dir() and (folder / MODEL_CONFIG).is_file() and (folder / ENGINE_CONFIG).is_file()
 
 
-def llmexport_bits(folder: Path) -> int | str:
-    """The weight bits a folder of MNN's llmexport was written with (its export_args.json), '?' without it."""
+def weight_bits(folder: Path, meta: dict | None) -> int | str:
+    """The weight bits of an MNN folder: the toolkit's manifest (`meta`) says them; a folder of MNN's llmexport has
+    them in its export_args.json; '?' where neither does."""
+    if meta:
+        return (meta.get("quantization") or {}).get("bits", 16)
     try:
         return int(json.loads((folder / "export_args.json").read_text())["quant_bit"])
     except (OSError, ValueError, KeyError, TypeError):
@@ -61,9 +64,10 @@ class MnnLlmRuntime(SteppedRun, TokenizerText):
             raise ToolkitError(f"MNN's engine cannot load {self.dir}", "export it again with `toolkit export mnn`")
         engine = json.loads((self.dir / ENGINE_CONFIG).read_text())
         self.memory = memory_mode or engine.get("memory", "normal")
-        meta = manifest.read(self.dir) or {}
-        bits = (meta.get("quantization") or {}).get("bits", 16) if meta else llmexport_bits(self.dir)
+        bits = weight_bits(self.dir, manifest.read(self.dir))
         self.label = f"MNN.llm {self.dir.name} ({bits}-bit, {self.memory} memory)"
+        # a folder as MNN's llmexport writes it has no tokenizer.json: text goes through the engine's tokenizer
+        self.engine_text_only = not (self.dir / "tokenizer.json").is_file()
 
     # --- the engine's own text, for the export's checks ---
     def engine_ids(self, text: str) -> list[int]:
@@ -73,19 +77,16 @@ class MnnLlmRuntime(SteppedRun, TokenizerText):
         return self.llm.apply_chat_template(messages)
 
     # --- Text: the folder's tokenizer.json, else the engine's own tokenizer (a folder of MNN's llmexport) ---
-    def _engine_text_only(self) -> bool:
-        return not (self.dir / "tokenizer.json").is_file()
-
     def prompt_ids(self, text: str) -> list[int]:
-        return self.engine_ids(text) if self._engine_text_only() else super().prompt_ids(text)
+        return self.engine_ids(text) if self.engine_text_only else super().prompt_ids(text)
 
     def detokenize(self, ids: list[int]) -> str:
-        if self._engine_text_only():
+        if self.engine_text_only:
             return "".join(self.llm.tokenizer_decode(int(i)) for i in ids)
         return super().detokenize(ids)
 
     def text_tokenizer(self):
-        if self._engine_text_only():
+        if self.engine_text_only:
             raise ToolkitError(f"{self.dir} has no tokenizer.json (only MNN's tokenizer.mtok), which chat prompts "
                                "need", "copy the model's tokenizer.json and tokenizer_config.json into the folder")
         return super().text_tokenizer()

@@ -5,7 +5,6 @@ things per format says so in its help, and one whose default differs per format 
 from __future__ import annotations
 
 import inspect
-import os
 import typing
 from collections import defaultdict
 from pathlib import Path
@@ -17,7 +16,7 @@ from toolkit.app.console import Flags, err, out
 from toolkit.app.loader_options import OPTIONS as LOADER_OPTIONS
 from toolkit.app.loader_options import LoaderOptions, loader_options
 from toolkit.core.errors import ToolkitError
-from toolkit.core.targets import RunContext, Target, fields
+from toolkit.core.targets import RunContext, Target, all_cores, fields
 
 COMMON = ("src", "out", "format", "threads", "force", "loader")
 
@@ -132,7 +131,7 @@ def run(specs: list[Target], src: Path, out_path: Path | None, fmt: str | None, 
     from toolkit.core.outputs import check_destination
 
     if threads is None:
-        threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        threads = all_cores()
     if threads <= 0:
         raise ToolkitError(f"--threads must be positive, got {threads}", "pass e.g. --threads 1")
     target = _choose(specs, fmt, src)

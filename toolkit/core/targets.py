@@ -12,6 +12,7 @@ import dataclasses
 import functools
 import importlib
 import importlib.util
+import os
 import pkgutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +24,11 @@ def option(default: Any, help: str, *flags: str) -> Any:
     "--sym/--asym")."""
     return field(default=default, metadata={"help": help, "flags": flags})
 
+
+def all_cores() -> int:
+    """The CPUs this process may run on (its affinity, which a container or taskset narrows), the default of
+    --threads and of eval-parity's --score-threads."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 @dataclass
 class Outcome:

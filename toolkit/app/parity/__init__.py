@@ -18,6 +18,7 @@ import numpy as np
 
 from toolkit.core import manifest
 from toolkit.core.errors import ToolkitError
+from toolkit.core.targets import all_cores
 
 SCHEMA = 1
 BENCH_PROMPT, BENCH_NEW = 512, 128  # llama-bench's pp512 / tg128
@@ -291,7 +292,7 @@ def evaluate(opts: ParityOptions, progress=None, log=print) -> dict:
         # every row scores the checkpoint's token ids; each also says whether its own tokenizer makes the same ids
         sample = text[:TOKENIZER_CHARS]
         spec = {"tokens": str(work / "tokens.npy"), "baseline": str(cache), "threads": opts.threads,
-                "score_threads": opts.score_threads or os.cpu_count() or 1, "device": device,
+                "score_threads": opts.score_threads or all_cores(), "device": device,
                 "bench_prompt": len(prompt), "bench_new": BENCH_NEW, "baseline_nll_mean": float(nll.mean()),
                 "n_bytes": n_bytes, "tokenizer_text": sample, "tokenizer_ids": tok.encode(sample, add_bos=False)}
         # the loader options were given for the checkpoint: they reach the jobs that load it (baseline timing,
