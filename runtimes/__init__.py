@@ -3,6 +3,7 @@ self-checks see engines only through this interface:
 
     runtime = runtimes.open(artifact, threads=1, device="cpu")     # or registry()[name].load(...)
     runtime.logits(token_ids) -> float32 array [len(token_ids), vocab]   (one fresh sequence)
+    runtime.logits_from(token_ids, start) -> [len - start, vocab]   (optional: engines that can skip the head)
     runtime.generate(token_ids, n, sampler, stop_ids) -> Generation (ids + timings)
     runtime.prompt_ids(text), runtime.chat_ids(messages) -> (ids, stop ids), runtime.detokenize(ids)   (Text)
 

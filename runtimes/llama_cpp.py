@@ -53,6 +53,29 @@ class LlamaCppRuntime:
         self.llm.eval(token_ids)
         return np.array(self.llm.scores[: len(token_ids)], dtype=np.float32)
 
+    def logits_from(self, token_ids: list[int], start: int) -> np.ndarray:
+        """[len(token_ids) - start, vocab]: one decode of the whole sequence with outputs asked for positions start..
+        only (llama.cpp runs the output head for those alone, and hands them over in one block, without
+        llama-cpp-python's copy of every position into Llama.scores)."""
+        n = len(token_ids)
+        if n > self.ctx:
+            raise ToolkitError(f"{n} tokens exceed the context of {self.ctx}", "raise --ctx")
+        if not 0 <= start < n:
+            raise ValueError(f"start {start} outside 0..{n - 1}")
+        llm = self.llm
+        llm.reset()
+        llm._ctx.kv_cache_seq_rm(-1, 0, -1)
+        batch = llm._batch
+        batch.set_batch(batch=list(token_ids), n_past=0, logits_all=False)
+        for i in range(n):
+            batch.batch.logits[i] = i >= start
+        llm._ctx.decode(batch)
+        rows = np.ctypeslib.as_array(llm._ctx.get_logits(), shape=((n - start) * llm.n_vocab(),))
+        out = rows.reshape(n - start, llm.n_vocab()).copy()
+        llm.input_ids[:n] = token_ids
+        llm.n_tokens = n
+        return out
+
     def tokenize(self, text: str, special: bool = False) -> list[int]:
         return self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=special)
 

@@ -88,6 +88,46 @@ def test_gguf_row_equals_llama_perplexity_definition(parity_run, trained_model):
         assert row[key] is not None and row[key] > 0, key
 
 
+def test_llama_cpp_scores_only_the_asked_positions_and_the_same_numbers(parity_run, trained_model):
+    """The row's logits come from llama.cpp's output flags (positions ctx/2.. only): bit-identical to the whole
+    sequence's logits, and the context still generates as before afterwards."""
+    from runtimes.llama_cpp import LlamaCppRuntime
+    from toolkit.core.sampling import make_sampler
+
+    *_, gguf, _ = parity_run
+    chunk = _chunks(trained_model)[0]
+    rt = LlamaCppRuntime(gguf, threads=1, ctx=CTX)
+    before = rt.generate(chunk[:20], 6, make_sampler(0.0)).ids
+    part = rt.logits_from(chunk, CTX // 2)
+    assert part.shape == (CTX - CTX // 2, rt.llm.n_vocab())
+    assert np.array_equal(part, rt.logits(chunk)[CTX // 2:])
+    rt.logits_from(chunk, CTX // 2)
+    assert rt.generate(chunk[:20], 6, make_sampler(0.0)).ids == before
+
+
+def test_bfloat16_baseline_reports_its_own_distance_from_float32(parity_run, trained_model, tmp_path):
+    """--dtype bfloat16: the report gives the float32 model scored against the baseline; llama.cpp's f32 file
+    (the float32 model computed by another engine) scores the same distance over the same chunks."""
+    *_, gguf, _ = parity_run
+    tok = Tokenizer.from_dir(trained_model)
+    text = tmp_path / "four-chunks.txt"  # at most the 4 chunks the float32 model is scored on
+    text.write_text(tok.decode(tok.encode((trained_model / "heldout.txt").read_text(), add_bos=False)[:4 * CTX]))
+    out = tmp_path / "report"
+    proc = run_cli("eval-parity", trained_model, gguf, "-o", out, "--ctx", CTX, "--repeats", "1", "--device", "cpu",
+                   "--dtype", "bfloat16", "--text", text, env={"XDG_CACHE_HOME": str(tmp_path / "cache")})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((out / "parity.json").read_text())
+    base, row = result["baseline"], result["rows"][0]
+    floor = base["floor"]
+    assert base["dtype"] == "bfloat16" and floor["chunks"] * (CTX // 2 - 1) == base["n_scored"]
+    assert 1e-7 < floor["kld_mean"] < 0.05 and row["status"] == "ok"
+    assert row["kld_mean"] == pytest.approx(floor["kld_mean"], rel=0.05)
+    assert row["same_top_pct"] == pytest.approx(floor["same_top_pct"], abs=1.0)
+    assert "the float32 model scored against it on" in (out / "parity.md").read_text()
+    assert_usage_error(run_cli("eval-parity", trained_model, gguf, "-o", tmp_path / "r2", "--ctx", CTX,
+                               "--dtype", "int8"), tmp_path / "r2")
+
+
 def test_report_files_and_cached_baseline(parity_run):
     result, out, _, root = parity_run
     assert {p.name for p in out.iterdir()} == {"parity.json", "parity.md", "parity.png"}

@@ -247,8 +247,9 @@ class Decoder(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None,
                 attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
-                last_only: bool = False) -> torch.Tensor:
-        """Logits [B, T, V] (or [B, 1, V] with last_only).
+                last_only: bool = False, logits_from: int = 0) -> torch.Tensor:
+        """Logits [B, T, V] (or [B, 1, V] with last_only; [B, T - logits_from, V] from position logits_from on:
+        the output head, a quarter of a small model's compute at a 150K vocabulary, runs only where asked).
 
         attention_mask: [B, past + T] with 1 for real tokens (left padding), as transformers takes it.
         Without a cache and a mask the whole sequence is one causal prefill.
@@ -275,6 +276,8 @@ class Decoder(nn.Module):
             cache.pos += T
         if last_only:
             x = x[:, -1:]
+        elif logits_from:
+            x = x[:, logits_from:]
         logits = self.lm_head(self.model.norm(x))
         cap = self.config.logit_softcap
         if cap:

@@ -24,6 +24,9 @@ SCHEMA = 1
 BENCH_PROMPT, BENCH_NEW = 512, 128  # llama-bench's pp512 / tg128
 ROW_TIMEOUT = 1800
 TOKENIZER_CHARS = 20_000  # of the scored text, tokenized by each row's own tokenizer and compared
+RECORD_VERSION = 2  # of the cached baseline record: 2 = log-probs from float32 exponentials summed in float64
+FLOOR_CHUNKS = 4  # chunks a baseline in less than float32 is also scored on in float32 (its own distance)
+TORCH_DTYPE_NAMES = ("float32", "bfloat16", "float16")
 
 
 @dataclass
@@ -33,6 +36,7 @@ class ParityOptions:
     text: Path | None = None
     ctx: int = 512
     device: str = "auto"
+    dtype: str = "auto"  # the baseline's: auto = float16 on CUDA, float32 on the CPU
     threads: int = 1  # timing threads (decode speed: 1 on these machines)
     repeats: int = 3  # interleaved timing rounds
     max_kld: float | None = None
@@ -85,16 +89,21 @@ def cache_root(explicit: Path | None) -> Path:
     return Path(base) / "edge-toolkit" / "parity"
 
 
-def resolve_device(device: str) -> tuple[str, str]:
+def resolve_device(device: str, dtype: str = "auto") -> tuple[str, str]:
+    """(device, baseline dtype). auto: float16 on CUDA, float32 on the CPU, where bfloat16 is twice as fast but
+    its own KLD from float32 (7.8e-4 on SmolLM2-135M) is as large as a q8_0 file's (docs/BENCHMARKS.md)."""
     import torch
 
     if device not in ("auto", "cpu", "cuda"):
         raise ToolkitError(f"unknown device '{device}'", "use --device auto, cpu or cuda")
+    if dtype not in ("auto", *TORCH_DTYPE_NAMES):
+        raise ToolkitError(f"unknown baseline dtype '{dtype}'", f"use auto, {', '.join(TORCH_DTYPE_NAMES)}")
     if device == "cuda" and not torch.cuda.is_available():
         raise ToolkitError("--device cuda but no CUDA device is visible", "use --device cpu")
-    if device == "cuda" or (device == "auto" and torch.cuda.is_available()):
-        return "cuda", "float16"
-    return "cpu", "float32"
+    on_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    if dtype == "auto":
+        dtype = "float16" if on_cuda else "float32"
+    return ("cuda" if on_cuda else "cpu"), dtype
 
 
 def runtime_for(artifact: Path) -> str | None:
@@ -144,28 +153,61 @@ def artifact_format(artifact: Path, runtime: str | None) -> str:
     return registry()[runtime].describe(artifact) if runtime in registry() else "unknown"
 
 
-def compute_baseline(bundle, chunks: np.ndarray, device: str, dtype: str, progress=None):
-    """The baseline record of every scored position from the reference model, a few chunks per batch."""
+def reference_logits_batches(model, chunks: np.ndarray, device: str, batch: int = 4):
+    """(first chunk index, float32 logits [b, scored, vocab]) of the reference model, `batch` chunks at a time; the
+    output head runs only from the first scored position on (a quarter of a 0.5B model's compute at a 150K vocab)."""
     import torch
 
-    from toolkit.app.parity.metrics import BaselineRecord
-    from toolkit.core.model import build_model
     from toolkit.core.perplexity import scored_positions
 
-    torch_dtype = {"float16": torch.float16, "float32": torch.float32}[dtype]
-    model = build_model(bundle, torch_dtype, device)
     ctx = chunks.shape[1]
-    records = []
-    batch = 4
+    scored = scored_positions(ctx)
     with torch.no_grad():
         for start in range(0, len(chunks), batch):
             ids = torch.from_numpy(chunks[start:start + batch]).to(device)
-            logits = model(ids).float().cpu().numpy()
-            for j, row in enumerate(logits):
-                records.append(BaselineRecord.from_logits(row[scored_positions(ctx)], chunks[start + j, ctx // 2 + 1:]))
-            if progress:
-                progress(min(start + batch, len(chunks)), len(chunks))
+            yield start, model(ids, logits_from=scored.start)[:, :scored.stop - scored.start].float()
+
+
+def compute_baseline(bundle, chunks: np.ndarray, device: str, dtype: str, progress=None):
+    """The baseline record of every scored position from the reference model; the top-k ids come from torch.topk
+    (threaded; numpy's argpartition over a 150K vocabulary took as long as the model)."""
+    import torch
+
+    from toolkit.app.parity.metrics import TOP_K, BaselineRecord
+    from toolkit.core.model import build_model
+    from toolkit.core.perplexity import scored_positions
+
+    model = build_model(bundle, getattr(torch, dtype), device)
+    first = scored_positions(chunks.shape[1]).start
+    records = []
+    for start, logits in reference_logits_batches(model, chunks, device):
+        top = logits.topk(min(TOP_K, logits.shape[-1]), dim=-1).indices.cpu().numpy()
+        for j, rows in enumerate(logits.cpu().numpy()):
+            records.append(BaselineRecord.from_logits(rows, chunks[start + j, first + 1:], top_ids=top[j]))
+        if progress:
+            progress(min(start + len(logits), len(chunks)), len(chunks))
     return BaselineRecord.concat(records)
+
+
+def baseline_floor(bundle, chunks: np.ndarray, record, device: str) -> dict:
+    """A baseline below float32 judged on its first FLOOR_CHUNKS chunks by the float32 model scored as a row
+    against it: what an artifact computing exactly the float32 logits would score. Rows' figures at this level say
+    nothing (the baseline's own rounding); docs/BENCHMARKS.md has what bfloat16 costs on the CPU."""
+    import torch
+
+    from toolkit.app.parity.metrics import Comparison, compare_rows, summarize
+    from toolkit.core.model import build_model
+
+    model = build_model(bundle, torch.float32, device)
+    parts = []
+    for start, logits in reference_logits_batches(model, chunks[:FLOOR_CHUNKS], device):
+        for j, rows in enumerate(logits.cpu().numpy()):
+            per = len(rows)
+            parts.append(compare_rows(rows, record.slice((start + j) * per, (start + j + 1) * per)))
+    c = Comparison.concat(parts)
+    figures = summarize(c, float(-record.target_logp[:len(c.nll)].mean()), 0)
+    return {"chunks": len(parts), **{k: figures[k] for k in ("kld_mean", "kld_p99", "same_top_pct",
+                                                             "ppl_delta_pct")}}
 
 
 def run_row(artifact: Path, runtime: str, spec: dict, work: Path, index, mode: str = "score") -> dict:
@@ -251,7 +293,7 @@ def evaluate(opts: ParityOptions, progress=None, log=print) -> dict:
         if text_path is None or not text_path.is_file():
             raise ToolkitError(f"{opts.ckpt} has no heldout.txt", "pass --text FILE")
     text = read_text(text_path)
-    device, dtype = resolve_device(opts.device)
+    device, dtype = resolve_device(opts.device, opts.dtype)
     bundle = load_checkpoint(opts.ckpt, **opts.overrides)
     tok = bundle.tokenizer
     tokens = tok.encode(text, add_bos=False)
@@ -263,17 +305,23 @@ def evaluate(opts: ParityOptions, progress=None, log=print) -> dict:
     ctx = opts.ctx
     n_bytes = sum(len(tok.decode([int(t) for t in c[ctx // 2 + 1:]]).encode("utf-8")) for c in chunks)
     text_sha = hashlib.sha256(text.encode("utf-8")).hexdigest()
-    key = hashlib.sha256(f"{checkpoint_hash(opts.ckpt)}|{text_sha}|{ctx}|{device}|{dtype}".encode()).hexdigest()[:24]
+    key = hashlib.sha256(f"{checkpoint_hash(opts.ckpt)}|{text_sha}|{ctx}|{device}|{dtype}|r{RECORD_VERSION}"
+                         .encode()).hexdigest()[:24]
     cache = cache_root(opts.cache_dir) / f"{key}.npz"
-    cached = cache.is_file()
+    floor_file = cache.with_suffix(".floor.json")
+    cached = cache.is_file() and (dtype == "float32" or floor_file.is_file())
     if cached:
         record = BaselineRecord.load(cache)
     else:
         record = compute_baseline(bundle, chunks.astype(np.int64), device, dtype, progress)
         cache.parent.mkdir(parents=True, exist_ok=True)
+        if dtype != "float32":
+            log(f"the baseline's own distance from float32, on {min(FLOOR_CHUNKS, len(chunks))} chunks")
+            floor_file.write_text(json.dumps(baseline_floor(bundle, chunks.astype(np.int64), record, device)))
         tmp = cache.with_name(cache.name + f".partial-{os.getpid()}.npz")
         record.save(tmp)
         os.replace(tmp, cache)
+    floor = json.loads(floor_file.read_text()) if dtype != "float32" else None
     nll = -record.target_logp  # the baseline's NLL per scored position
     base = ppl_summary(nll, len(tokens), ctx)
     prompt = [int(t) for t in chunks.reshape(-1)[:min(BENCH_PROMPT, bundle.config.max_position_embeddings - BENCH_NEW)]]
@@ -284,7 +332,7 @@ def evaluate(opts: ParityOptions, progress=None, log=print) -> dict:
                 "bpb": float(nll.sum() / np.log(2) / n_bytes), "n_tokens": len(tokens), "n_scored": base.n_scored,
                 "ctx": ctx, "text": str(text_path), "text_sha256": text_sha, "cache": str(cache),
                 "size_bytes": artifact_size(opts.ckpt), "n_params": n_params,
-                "bench": f"pp{len(prompt)} tg{BENCH_NEW}"}
+                "bench": f"pp{len(prompt)} tg{BENCH_NEW}", "floor": floor}
     rows = []
     with tempfile.TemporaryDirectory(prefix="toolkit-parity-") as tmpdir:
         work = Path(tmpdir)

@@ -20,10 +20,21 @@ TOP_K = 64
 TINY = 1e-30
 
 
-def log_softmax(rows: np.ndarray) -> np.ndarray:
-    rows = rows.astype(np.float64)
+def logsumexp(rows: np.ndarray) -> np.ndarray:
+    """log Σ exp per row [N, 1] in float64, from float32 logits: the exponentials in float32 (one pass, half the
+    memory of float64 at a 150K vocabulary), summed in float64. A log-prob is then `logit - logsumexp`, computed
+    the same way for the baseline and every row, so a model scored against itself gives KLD 0 exactly."""
+    rows = np.asarray(rows, np.float32)
     m = rows.max(axis=-1, keepdims=True)
-    return rows - (m + np.log(np.exp(rows - m).sum(axis=-1, keepdims=True)))
+    total = np.exp(rows - m).sum(axis=-1, dtype=np.float64, keepdims=True)
+    return m.astype(np.float64) + np.log(total)
+
+
+def gathered_logp(rows: np.ndarray, lse: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """log-probs of `ids` [N, K] (or [N]) in each row."""
+    if ids.ndim == 1:
+        return rows[np.arange(len(ids)), ids].astype(np.float64) - lse[:, 0]
+    return np.take_along_axis(rows, ids.astype(np.int64), axis=-1).astype(np.float64) - lse
 
 
 @dataclass
@@ -36,15 +47,20 @@ class BaselineRecord:
     targets: np.ndarray  # int32 [N]
 
     @classmethod
-    def from_logits(cls, rows: np.ndarray, targets: np.ndarray, k: int = TOP_K) -> "BaselineRecord":
-        logp = log_softmax(rows)
-        k = min(k, logp.shape[-1])
-        ids = np.argpartition(-logp, k - 1, axis=-1)[:, :k]
-        top = np.take_along_axis(logp, ids, axis=-1)
-        order = np.argsort(-top, axis=-1)
+    def from_logits(cls, rows: np.ndarray, targets: np.ndarray, k: int = TOP_K,
+                    top_ids: np.ndarray | None = None) -> "BaselineRecord":
+        """rows: float32 logits [N, V] at the scored positions. top_ids: the K largest per row when the caller has
+        them already (torch.topk in the harness); otherwise found here."""
+        rows = np.asarray(rows, np.float32)
+        lse = logsumexp(rows)
+        k = min(k, rows.shape[-1])
+        ids = top_ids if top_ids is not None else np.argpartition(-rows, k - 1, axis=-1)[:, :k]
+        top = gathered_logp(rows, lse, ids)
+        order = np.argsort(-top, axis=-1, kind="stable")
         ids, top = np.take_along_axis(ids, order, -1), np.take_along_axis(top, order, -1)
-        return cls(top, ids.astype(np.int32), logp[np.arange(len(targets)), targets],
-                   logp.argmax(-1).astype(np.int32), targets.astype(np.int32))
+        targets = np.asarray(targets).astype(np.int64)
+        return cls(top, ids.astype(np.int32), gathered_logp(rows, lse, targets),
+                   rows.argmax(-1).astype(np.int32), targets.astype(np.int32))
 
     @classmethod
     def concat(cls, parts: list["BaselineRecord"]) -> "BaselineRecord":
@@ -80,18 +96,18 @@ class Comparison:
 
 def compare_rows(rows: np.ndarray, base: BaselineRecord) -> Comparison:
     """rows: candidate logits [N, V] at the baseline's scored positions."""
-    logq = log_softmax(rows)
-    n = np.arange(len(base.targets))
+    rows = np.asarray(rows, np.float32)
+    lse = logsumexp(rows)
     p_top = np.exp(base.top_logp)
-    q_top_logp = np.take_along_axis(logq, base.top_ids.astype(np.int64), axis=-1)
+    q_top_logp = gathered_logp(rows, lse, base.top_ids)
     kld = (p_top * (base.top_logp - q_top_logp)).sum(-1)
     p_tail = np.clip(1.0 - p_top.sum(-1), 0.0, 1.0)
     q_tail = np.clip(1.0 - np.exp(q_top_logp).sum(-1), 0.0, 1.0)
     with np.errstate(divide="ignore", invalid="ignore"):
         tail = np.where(p_tail > 1e-12, p_tail * (np.log(np.maximum(p_tail, TINY)) - np.log(np.maximum(q_tail, TINY))),
                         0.0)
-    target_logq = logq[n, base.targets]
-    return Comparison(-target_logq, np.maximum(kld + tail, 0.0), logq.argmax(-1) == base.argmax,
+    target_logq = gathered_logp(rows, lse, base.targets.astype(np.int64))
+    return Comparison(-target_logq, np.maximum(kld + tail, 0.0), rows.argmax(-1) == base.argmax,
                       np.exp(target_logq) - np.exp(base.target_logp))
 
 

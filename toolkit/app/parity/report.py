@@ -42,12 +42,24 @@ HEADER = ["artifact", "format", "size MB", "PPL", "ΔPPL %", "KLD mean", "same t
           "decode tok/s", "decode × baseline", "peak RSS MB", "status"]
 
 
+def floor_note(baseline: dict) -> str:
+    """What a baseline below float32 is worth: the float32 model scored against it (rows at this level cannot be
+    told from exact)."""
+    f = baseline.get("floor")
+    if not f:
+        return ""
+    return (f" (the float32 model scored against it on {f['chunks']} chunks: KLD {f['kld_mean']:.2e}, same top "
+            f"{f['same_top_pct']:.2f} %, ΔPPL {f['ppl_delta_pct']:+.3f} %: rows near these figures are within the "
+            f"baseline's own rounding)")
+
+
 def markdown(result: dict) -> str:
     b = result["baseline"]
     lines = [f"# Parity report: {result['checkpoint']}", "",
              f"Text: {b['text']} ({b['n_tokens']} tokens, {b['n_scored']} scored; ctx {b['ctx']}, second half of "
-             f"each chunk scored). Baseline: torch {b['dtype']} on {b['device']}. Speed: {b['bench']}, median ± std of "
-             f"{result['repeats']} interleaved rounds (each round times every row once, each in a fresh process), "
+             f"each chunk scored). Baseline: torch {b['dtype']} on {b['device']}{floor_note(b)}. "
+             f"Speed: {b['bench']}, median ± std of {result['repeats']} interleaved rounds (each round times every "
+             f"row once, each in a fresh process), "
              f"{result['threads']} thread(s); decode × baseline: the median of each round's ratio to the baseline's "
              f"decode speed in that round. Machine: {result['machine']}. "
              f"Date: {result['date']}.", "",
@@ -92,7 +104,8 @@ def write(result: dict, folder: Path) -> None:
 def print_table(result: dict, console) -> None:
     from rich.table import Table
 
-    t = Table(title=f"parity vs torch {result['baseline']['dtype']} {result['baseline']['device']} baseline")
+    b = result["baseline"]
+    t = Table(title=f"parity vs torch {b['dtype']} {b['device']} baseline{floor_note(b)}")
     for h in HEADER:
         t.add_column(h, justify="left" if h in ("artifact", "format", "status") else "right")
     for row in table_rows(result):

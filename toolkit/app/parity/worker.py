@@ -78,15 +78,24 @@ def score(rt, spec: dict, chunks: np.ndarray) -> dict:
     tokenizer = tokenizer_check(rt, spec["tokenizer_text"], spec["tokenizer_ids"])
     ctx = chunks.shape[1]
     base = BaselineRecord.load(spec["baseline"])
-    per = ctx - 1 - ctx // 2
+    first = scored_positions(ctx).start
+    per = ctx - 1 - first
     parts = []
     for i, chunk in enumerate(chunks):
-        rows = np.asarray(rt.logits([int(t) for t in chunk]))[scored_positions(ctx)]
+        rows = scored_logits(rt, [int(t) for t in chunk], first)[:per]
         parts.append(compare_rows(rows, base.slice(i * per, (i + 1) * per)))
     row = summarize(Comparison.concat(parts), spec["baseline_nll_mean"], spec["n_bytes"])
     row["tokenizer"] = tokenizer
     row["bench"] = f"pp{spec['bench_prompt']} tg{spec['bench_new']}"
     return row
+
+
+def scored_logits(rt, token_ids: list[int], first: int) -> np.ndarray:
+    """Logits from position `first` on: only those where the engine can compute just them (llama.cpp's output
+    flags), else all of them, sliced."""
+    if hasattr(rt, "logits_from"):
+        return rt.logits_from(token_ids, first)
+    return np.asarray(rt.logits(token_ids))[first:]
 
 
 def time_once(rt, prompt: list[int], new_tokens: int) -> dict:
