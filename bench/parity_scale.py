@@ -125,7 +125,8 @@ def main() -> None:
             print(f"| {r['name']} | {r['status']}: {r['error']} | | | | | | | | |")
             continue
         print(f"| {r['name']} | ok | {r['seconds']:.0f} | {base['n_tokens'] / r['seconds']:.0f} | "
-              f"{r['kld_mean']:.4g} | {r['same_top_pct']:.2f} | {r['peak_rss_bytes'] / 1e6:.0f} | {r['timing_peak_rss_bytes'] / 1e6:.0f} | "
+              f"{r['kld_mean']:.4g} | {r['same_top_pct']:.2f} | {r['peak_rss_bytes'] / 1e6:.0f} | "
+              f"{r['timing_peak_rss_bytes'] / 1e6:.0f} | "
               f"{r['decode_tps']:.1f} ± {r['decode_tps_std']:.1f} | {r['decode_ratio']:.3f} |")
     (work / f"scale-{args.dtype}.json").write_text(json.dumps({"phases": phases, "total_s": total,
                                                                "log": marks}, indent=1))

@@ -30,6 +30,7 @@ def all_cores() -> int:
     --threads and of eval-parity's --score-threads."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
+
 @dataclass
 class Outcome:
     """What a target wrote and how the CLI reports it: `notes` ((label, text): fallback, warning) and `summary`

@@ -313,11 +313,12 @@ def evaluate(opts: ParityOptions, progress=None, log=print) -> dict:
     if cached:
         record = BaselineRecord.load(cache)
     else:
-        record = compute_baseline(bundle, chunks.astype(np.int64), device, dtype, progress)
+        ids = chunks.astype(np.int64)  # torch's embedding index type, for the baseline and its float32 check
+        record = compute_baseline(bundle, ids, device, dtype, progress)
         cache.parent.mkdir(parents=True, exist_ok=True)
         if dtype != "float32":
             log(f"the baseline's own distance from float32, on {min(FLOOR_CHUNKS, len(chunks))} chunks")
-            floor_file.write_text(json.dumps(baseline_floor(bundle, chunks.astype(np.int64), record, device)))
+            floor_file.write_text(json.dumps(baseline_floor(bundle, ids, record, device)))
         tmp = cache.with_name(cache.name + f".partial-{os.getpid()}.npz")
         record.save(tmp)
         os.replace(tmp, cache)
